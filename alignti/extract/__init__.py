@@ -1,0 +1,1 @@
+"""alignti.extract"""
