@@ -1,0 +1,191 @@
+"""The one tokenisation path: a corpus row -> teacher-forced tensors, for extract, distill and eval.
+
+Labels and instruction positions come from character spans of the rendered chat template:
+rendering the conversation prefix by prefix tells exactly which characters each turn
+contributed, so no template-specific token patterns are hard-coded. The text is tokenised
+*unexpanded* (one `<image>` token per image, the ids the cache stores), then each image token
+is expanded to the model's n_v vision tokens, as the LLaVA processor does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import ProcessorMixin
+
+from alignti.data.corpus import (
+    IMAGE_PLACEHOLDER, IMAGE_TOKEN_MISMATCH, MISSING_IMAGE, TOO_LONG, CorpusRow, LoadedImage, Reject, load_image,
+    resolve_image_path, sample_content_id,
+)
+from alignti.errors import AlignTIError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One teacher-forced sample. Positions are in the expanded sequence of length T."""
+
+    sample_id: str
+    source_id: str
+    image_path: str  # relative to the image root; "" for text-only
+    image_sha256: str  # "" for text-only
+    text_ids: np.ndarray  # int32 [L] unexpanded ids (image token once per image)
+    input_ids: torch.Tensor  # int64 [T]
+    labels: torch.Tensor  # int64 [T], IGNORE_INDEX except assistant tokens (aligned, unshifted)
+    vision_positions: torch.Tensor  # int64 [n_v * n_images]
+    instruction_positions: torch.Tensor  # int64 [n_i] user-turn text tokens
+    pixel_values: torch.Tensor | None  # [n_images, 3, H, W]
+    n_v: int  # vision tokens per image (0 for text-only)
+    label_spans: np.ndarray  # int32 [S, 2] half-open ranges of labelled tokens
+    extra: dict
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def resp_positions(self) -> torch.Tensor:
+        """int64 [N_r] positions t whose next token is a labelled (response) token."""
+        return torch.nonzero(self.labels[1:] != IGNORE_INDEX).flatten()
+
+    @property
+    def vision_start(self) -> int:
+        return int(self.vision_positions[0]) if self.vision_positions.numel() else -1
+
+
+def _split_image_parts(text: str) -> list[dict]:
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class SampleEncoder:
+    """Encodes corpus rows with one model's processor and chat template."""
+
+    def __init__(self, processor: ProcessorMixin, image_root: str | None, max_length: int = 2048) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_root = image_root
+        self.max_length = max_length
+        self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        if not self.template:
+            raise AlignTIError("the model's processor and tokenizer have no chat template")
+        if getattr(processor, "patch_size", None) is None:
+            raise AlignTIError("processor has no patch_size: only LLaVA-style fixed-grid processors are supported")
+        self.image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.list_content = self._template_takes_parts()
+
+    def _template_takes_parts(self) -> bool:
+        """Templates differ: llava-hf ones iterate content parts, LM ones print strings."""
+        probe = [{"role": "user", "content": _split_image_parts(f"{IMAGE_PLACEHOLDER}\nzq1")}]
+        try:
+            out = self.tokenizer.apply_chat_template(probe, chat_template=self.template, tokenize=False)
+        except Exception:
+            return False
+        return "zq1" in out and self.image_token in out and "'type'" not in out
+
+    def render(self, turns: tuple[tuple[str, str], ...], add_generation_prompt: bool = False) -> str:
+        messages = [{"role": role, "content": _split_image_parts(text) if self.list_content else text}
+                    for role, text in turns]
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def num_vision_tokens(self, pixel_values: torch.Tensor) -> int:
+        """n_v per image, as LlavaProcessor computes it from the processed image size."""
+        h, w = pixel_values.shape[-2:]
+        p = self.processor
+        n = (h // p.patch_size) * (w // p.patch_size) + getattr(p, "num_additional_image_tokens", 0)
+        return n - 1 if getattr(p, "vision_feature_select_strategy", "full") == "default" else n
+
+    def char_spans(self, turns: tuple[tuple[str, str], ...]) -> tuple[str, list, list]:
+        """Rendered text, assistant char spans (content + end-of-turn) and user-content char spans."""
+        full = self.render(turns)
+        label_spans, instr_spans = [], []
+        for i, (role, text) in enumerate(turns):
+            before = self.render(turns[:i]) if i else ""
+            after = self.render(turns[: i + 1])
+            if not full.startswith(after) or not after.startswith(before):
+                raise AlignTIError("chat template is not prefix-stable; cannot locate turns")
+            if role == "assistant":
+                start = len(self.render(turns[:i], add_generation_prompt=True))
+                end = len(after.rstrip())
+                label_spans.append((start, end))
+            elif role == "user":
+                cursor = len(before)
+                for piece in text.split(IMAGE_PLACEHOLDER):
+                    piece = piece.strip()
+                    at = after.find(piece, cursor) if piece else -1
+                    if at >= 0:
+                        instr_spans.append((at, at + len(piece)))
+                        cursor = at + len(piece)
+        return full, label_spans, instr_spans
+
+    def encode(self, row: CorpusRow) -> EncodedSample | Reject:
+        """Row -> EncodedSample, or a Reject naming why it cannot be used."""
+        image: LoadedImage | None = None
+        if row.image:
+            if self.image_root is None:
+                return Reject(row.source_id, MISSING_IMAGE, "row has an image but no --image-root was given")
+            path = resolve_image_path(self.image_root, row.image)
+            if isinstance(path, Reject):
+                return Reject(row.source_id, path.reason, path.detail)
+            image = load_image(path)
+            if isinstance(image, Reject):
+                return Reject(row.source_id, image.reason, image.detail)
+        full, label_chars, instr_chars = self.char_spans(row.turns)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        text_ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+        n_images = int((text_ids == self.image_token_id).sum())
+        if n_images != (1 if image else 0):
+            return Reject(row.source_id, IMAGE_TOKEN_MISMATCH, f"{n_images} image tokens after templating")
+        pixel_values, n_v = None, 0
+        if image is not None:
+            pixel_values = self.processor.image_processor(images=[image.image], return_tensors="pt")["pixel_values"]
+            n_v = self.num_vision_tokens(pixel_values)
+        return self._expand(row, image, text_ids, starts, label_chars, instr_chars, pixel_values, n_v)
+
+    def _expand(self, row: CorpusRow, image: LoadedImage | None, text_ids: np.ndarray, starts: np.ndarray,
+                label_chars: list, instr_chars: list, pixel_values: torch.Tensor | None,
+                n_v: int) -> EncodedSample | Reject:
+        in_label = np.zeros(len(text_ids), bool)
+        for s, e in label_chars:
+            in_label |= (starts >= s) & (starts < e)
+        in_instr = np.zeros(len(text_ids), bool)
+        for s, e in instr_chars:
+            in_instr |= (starts >= s) & (starts < e)
+        is_image = text_ids == self.image_token_id
+        in_instr &= ~is_image
+        # Each unexpanded token becomes 1 position, or n_v positions for an image token.
+        widths = np.where(is_image, n_v, 1)
+        new_pos = np.concatenate([[0], np.cumsum(widths)[:-1]])
+        total = int(widths.sum())
+        if total > self.max_length:
+            return Reject(row.source_id, TOO_LONG, f"{total} tokens > max length {self.max_length}")
+        input_ids = np.repeat(text_ids, widths)
+        labels = np.where(np.repeat(in_label, widths), input_ids, IGNORE_INDEX)
+        vision = np.concatenate([np.arange(p, p + n_v) for p in new_pos[is_image]] or [np.zeros(0, np.int64)])
+        label_spans = _runs(labels != IGNORE_INDEX)
+        return EncodedSample(
+            sample_id=sample_content_id(image.sha256 if image else "", row.turns),
+            source_id=row.source_id, image_path=row.image or "", image_sha256=image.sha256 if image else "",
+            text_ids=text_ids.astype(np.int32), input_ids=torch.from_numpy(input_ids),
+            labels=torch.from_numpy(labels), vision_positions=torch.from_numpy(vision.astype(np.int64)),
+            instruction_positions=torch.from_numpy(new_pos[in_instr].astype(np.int64)),
+            pixel_values=pixel_values, n_v=n_v, label_spans=label_spans, extra=row.extra,
+        )
+
+
+def _runs(mask: np.ndarray) -> np.ndarray:
+    """int32 [S, 2] half-open [start, end) runs of True in a 1-D boolean mask."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return edges.reshape(-1, 2).astype(np.int32)

@@ -1,0 +1,63 @@
+"""Load a LLaVA-style model and its processor from a local directory, the same way everywhere.
+
+Extraction, distillation and evaluation all go through these two functions so teacher and
+student see identical pixels (PIL image backend) and identical tokenisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from alignti.errors import AlignTIError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` means bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise AlignTIError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks CUDA when present."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AlignTIError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise AlignTIError(f"{what} directory {str(p)!r} has no config.json (not a saved model)")
+    return p
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
+    """The model's processor with the PIL image backend."""
+    p = _check_dir(path, "model")
+    return AutoProcessor.from_pretrained(p, backend="pil", trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | dict | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The LLaVA-style model in eval mode on `device`."""
+    p = _check_dir(path, "model")
+    model = AutoModelForImageTextToText.from_pretrained(
+        p, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
