@@ -1,0 +1,26 @@
+import itertools
+
+import pytest
+import torch
+
+from alignti.extract.irs_score import choose_layer, irs_scores
+
+
+def test_irs_matches_pairwise_loop():
+    torch.manual_seed(0)
+    alphas = torch.rand(5, 3, 7)
+    alphas = alphas / alphas.sum(-1, keepdim=True)
+    got = irs_scores(alphas)
+    for layer in range(3):
+        cos = [torch.nn.functional.cosine_similarity(alphas[i, layer], alphas[j, layer], dim=0).item()
+               for i, j in itertools.permutations(range(5), 2)]
+        assert got[layer].item() == pytest.approx(1 - sum(cos) / len(cos), abs=1e-9)
+
+
+def test_identical_attention_scores_zero_and_distinct_scores_high():
+    same = torch.ones(4, 1, 6) / 6
+    onehot = torch.eye(4, 6)[:, None, :]  # each sample attends to a different vision token
+    scores = irs_scores(torch.cat([same, onehot], dim=1))
+    assert scores[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert scores[1].item() == pytest.approx(1.0, abs=1e-12)
+    assert choose_layer(scores) == 1
