@@ -8,7 +8,7 @@ from alignti.extract.irs_score import choose_layer, irs_scores
 
 def test_irs_matches_pairwise_loop():
     torch.manual_seed(0)
-    alphas = torch.rand(5, 3, 7)
+    alphas = torch.rand(5, 3, 7, dtype=torch.float64)
     alphas = alphas / alphas.sum(-1, keepdim=True)
     got = irs_scores(alphas)
     for layer in range(3):
