@@ -1,0 +1,49 @@
+"""The `alignti` command line: each command maps its options to one frozen config dataclass.
+
+No logic lives here; every command calls `run_<command>(config)` in its own module.
+Bad configuration or input (`AlignTIError`) is printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from alignti.cliargs import from_dataclass
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.errors import AlignTIError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="alignti")
+def cli() -> None:
+    """Offline Align-TI distillation for LLaVA-style multimodal LLMs."""
+
+
+@cli.group()
+def data() -> None:
+    """Corpus tools."""
+
+
+@data.command("shapes")
+@from_dataclass(ShapesConfig)
+def data_shapes(cfg: ShapesConfig) -> None:
+    """Generate the synthetic shapes VQA corpus (same seed, same bytes)."""
+    click.echo(json.dumps(run_shapes(cfg), indent=2))
+
+
+def main() -> None:
+    """Console entry point: one-line errors with exit code 2 for bad input."""
+    try:
+        cli.main(standalone_mode=False)
+    except AlignTIError as exc:
+        click.echo(f"alignti: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
