@@ -14,6 +14,7 @@ import click
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.errors import AlignTIError
+from alignti.models.assemble import AssembleConfig, run_assemble
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,8 +35,20 @@ def data_shapes(cfg: ShapesConfig) -> None:
     click.echo(json.dumps(run_shapes(cfg), indent=2))
 
 
+@cli.command()
+@from_dataclass(AssembleConfig)
+def assemble(cfg: AssembleConfig) -> None:
+    """Build a LLaVA model from a local LM + vision tower, or a tiny random one (--random)."""
+    click.echo(str(run_assemble(cfg)))
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
+    import transformers
+
+    # transformers' per-load progress bars and backend-fallback notices drown our own progress.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         cli.main(standalone_mode=False)
     except AlignTIError as exc:

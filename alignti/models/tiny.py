@@ -50,6 +50,8 @@ class TinySpec:
             raise AlignTIError(f"unknown text family {self.text_family!r}; use one of {TEXT_FAMILIES}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise AlignTIError("hidden must divide by heads and heads by kv_heads")
+        if self.vision_hidden % 16 and self.vision_hidden > 16:
+            raise AlignTIError("vision hidden size must be a multiple of 16 (heads of width 16)")
         if self.image_size % self.patch:
             raise AlignTIError("image size must be a multiple of the patch size")
 
@@ -91,6 +93,7 @@ def tiny_llava_config(spec: TinySpec, tokenizer: PreTrainedTokenizerBase) -> Lla
         image_token_id=image_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
+        image_seq_length=(spec.image_size // spec.patch) ** 2,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
