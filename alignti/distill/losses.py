@@ -1,0 +1,301 @@
+"""The Align-TI loss terms as (sum, count) pairs, their combination, and the loss config.
+
+Every term returns `(sum, count)`: fp32 scalar tensors on the logits' device, `sum` attached to
+the graph. The training step adds sums and counts over micro-batches (and ranks) and divides
+once by the global count (`combine`), so a mean is exact under gradient accumulation and data
+parallelism whatever the micro-batch sizes (torchtitan's convention). A term with nothing to
+score returns `(0, 0)` with a zero, NaN-free gradient.
+
+Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
+- `sft_loss`:  cross-entropy over labelled targets (count: labelled targets).
+- `kd_loss`:   top-k KL at response rows (count: rows).
+- `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
+- `iva_attention_loss`: KL(teacher saliency || student attention) (count: samples).
+- `tpa_loss`:  candidate-weighted top-k KL at ribbon candidate rows (count: steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alignti.distill.kl import DIVERGENCES, TAILS, check_divergence, chunked_row_sum, chunked_topk_kl
+from alignti.errors import AlignTIError
+
+IGNORE_INDEX = -100
+TERMS = ("sft", "kd", "iva", "tpa")
+TPA_WEIGHTINGS = ("teacher", "uniform")
+IVA_TARGETS = ("logits", "attention")
+# Recipe -> (sft, kd, iva, tpa) weights.
+RECIPES: dict[str, tuple[float, float, float, float]] = {
+    "sft": (1.0, 0.0, 0.0, 0.0),
+    "kd": (1.0, 1.0, 0.0, 0.0),
+    "alignti": (1.0, 1.0, 1.0, 1.0),
+}
+
+SumCount = tuple[torch.Tensor, torch.Tensor]
+
+
+def _count(value: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device).reshape(())
+
+
+def _ce_rows(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """rows: [c, V] fp32, targets: [c] -> [c] cross-entropy."""
+    return F.cross_entropy(rows, targets, reduction="none")
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> SumCount:
+    """Summed next-token cross-entropy over labelled targets, and their number.
+
+    logits: [B, T, V] any float dtype; labels: [B, T] int, IGNORE_INDEX (-100) where unscored.
+    Logits at position t predict labels[t + 1]. Only labelled rows are gathered, `chunk_size`
+    at a time, upcast to fp32 and recomputed in backward; no [B, T, V] fp32 tensor exists.
+    Costs one host sync (finding the labelled rows). All masked -> (0, 0).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise AlignTIError(f"sft_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    b, t, v = logits.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # target of each position
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [N] flat positions
+    total = chunked_row_sum(_ce_rows, logits.reshape(b * t, v), (targets[rows],), row_index=rows,
+                            chunk_size=chunk_size)
+    return total, _count(rows.numel(), logits)
+
+
+def kd_loss(
+    student_logits_rows: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+) -> SumCount:
+    """(sum over response rows of KL_k(teacher || student), N).
+
+    student_logits_rows: [N, V] (or [M, V] with row_index [N] long, e.g. the [B*T, V] view of
+    the full logits and the flat positions of the response rows); teacher_ids,
+    teacher_logprobs: [N, k]. Divergence options as in `kl.topk_kl_rows`.
+    """
+    total, _ = chunked_topk_kl(student_logits_rows, teacher_ids, teacher_logprobs, row_index=row_index,
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+    return total, _count(teacher_ids.shape[0], student_logits_rows)
+
+
+def iva_weights(
+    saliency_weights: torch.Tensor, sample_index: torch.Tensor, num_samples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Saliency renormalised within each sample, and the number of samples having rows.
+
+    saliency_weights: [M] (w at each sample's P salient positions), sample_index: [M] int in
+    [0, num_samples) -> (w~ fp32 [M], count fp32 scalar). A sample whose weights sum to 0 gets
+    uniform weights over its rows (so it still sums to 1).
+    """
+    w = saliency_weights.float()
+    idx = sample_index.long()
+    denom = torch.zeros(num_samples, dtype=torch.float32, device=w.device).index_add_(0, idx, w)
+    rows = torch.zeros(num_samples, dtype=torch.float32, device=w.device).index_add_(0, idx, torch.ones_like(w))
+    d, n = denom[idx], rows[idx]
+    w_tilde = torch.where(d > 0, w / torch.where(d > 0, d, 1.0), 1.0 / n.clamp_min(1.0))
+    return w_tilde, (rows > 0).sum().float()
+
+
+def iva_loss(
+    student_rows: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    saliency_weights: torch.Tensor,
+    sample_index: torch.Tensor,
+    num_samples: int,
+    *,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+) -> SumCount:
+    """(sum over samples of sum_{v in P} w~_v KL_k(row v), number of samples having rows).
+
+    student_rows: [M, V] student logits at the salient vision positions of all samples
+    (or a larger [*, V] with row_index [M]); teacher_ids, teacher_logprobs: [M, k_v];
+    saliency_weights: [M] teacher saliency w at those positions; sample_index: [M] which sample
+    each row belongs to, in [0, num_samples). w~ = w renormalised over each sample's rows.
+    """
+    m = teacher_ids.shape[0]
+    if saliency_weights.shape != (m,) or sample_index.shape != (m,):
+        raise AlignTIError(f"iva_loss: {m} rows but saliency {tuple(saliency_weights.shape)}, "
+                           f"sample_index {tuple(sample_index.shape)}")
+    w_tilde, count = iva_weights(saliency_weights, sample_index, num_samples)
+    total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=w_tilde, row_index=row_index,
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+    return total, count.to(total.device)
+
+
+def iva_attention_loss(teacher_saliency: torch.Tensor, student_attention: torch.Tensor, *, eps: float = 1e-8) -> SumCount:
+    """(sum over samples of KL(w || a), S): the `iva_target=attention` variant.
+
+    teacher_saliency: [S, n_v] the cached w; student_attention: [S, n_v] the student's
+    instruction-to-vision attention from the same probe. Both are L1-normalised per sample here
+    (fp16 caches do not sum to exactly 1); a is floored at `eps` inside the log so a position
+    the student ignores gives a finite penalty. Pad unused positions with 0 in both.
+    """
+    if teacher_saliency.shape != student_attention.shape or teacher_saliency.dim() != 2:
+        raise AlignTIError(f"iva_attention_loss: saliency {tuple(teacher_saliency.shape)} and attention "
+                           f"{tuple(student_attention.shape)} disagree")
+    w = teacher_saliency.float()
+    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    a = student_attention.float()
+    a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    log_w = torch.where(w > 0, w, 1.0).log()
+    kl = (w * (log_w - a.clamp_min(eps).log())).sum()
+    return kl, _count(w.shape[0], kl)
+
+
+def tpa_weights(cand_logprobs: torch.Tensor, weighting: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate weights u [N_c, d] fp32 and the number of steps with any candidate.
+
+    cand_logprobs: [N_c, d] teacher log p_T(a_j | y_<t). "teacher": u = p_T(a_j) / sum_j p_T(a_j)
+    (a softmax of the log-probs); "uniform": 1/d. A slot with log-prob -inf is padding: weight 0,
+    and u is renormalised over the real candidates; a step with none has u = 0 and is not counted.
+    """
+    if weighting not in TPA_WEIGHTINGS:
+        raise AlignTIError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
+    lp = cand_logprobs.float()
+    real = torch.isfinite(lp)
+    has_any = real.any(-1, keepdim=True)
+    scores = lp if weighting == "teacher" else torch.zeros_like(lp)
+    scores = torch.where(real, scores, float("-inf"))
+    u = torch.softmax(torch.where(has_any, scores, 0.0), -1)  # finite input for empty steps
+    u = torch.where(has_any & real, u, 0.0)
+    return u, has_any.sum().float()
+
+
+def tpa_loss(
+    student_rows: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+    *,
+    weighting: str = "teacher",
+    row_index: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+) -> SumCount:
+    """(sum over steps t of sum_j u_{t,j} KL_k(row (t, j)), N_c).
+
+    student_rows: [N_c*d, V] student logits at the ribbon candidate positions, step-major
+    (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d];
+    teacher_ids, teacher_logprobs: [N_c*d, k_t] the teacher's top-k_t of p_T(. | y_<t, a_j);
+    cand_logprobs: [N_c, d] log p_T(a_j | y_<t). Weights u from `tpa_weights`.
+    """
+    n_c, d = cand_logprobs.shape
+    if teacher_ids.shape[0] != n_c * d:
+        raise AlignTIError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
+    u, count = tpa_weights(cand_logprobs, weighting)
+    total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=u.reshape(-1),
+                               row_index=row_index, chunk_size=chunk_size, divergence=divergence, beta=beta,
+                               tail=tail)
+    return total, count.to(total.device)
+
+
+def combine(
+    terms: dict[str, SumCount],
+    weights: dict[str, float],
+    global_counts: dict[str, float | torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """total = sum_name weights[name] * sum_name / max(count_name, 1), and detached per-term means.
+
+    terms: name -> (sum, count) from this micro-batch; weights: name -> weight (a term missing
+    from weights has weight 0 and is only reported); global_counts: name -> the count summed
+    over every micro-batch of the optimizer step (and every rank), used instead of the local
+    count. Summing `total` over micro-batches then gives the exact global mean. Under DDP,
+    which averages gradients over ranks, pass global counts divided by the world size (or scale
+    the loss by it). A weighted term that was not computed is an AlignTIError.
+    """
+    missing = [n for n, w in weights.items() if w != 0 and n not in terms]
+    if missing:
+        raise AlignTIError(f"loss terms {missing} have non-zero weight but were not computed")
+    total: torch.Tensor | None = None
+    means: dict[str, torch.Tensor] = {}
+    for name, (s, c) in terms.items():
+        count = global_counts[name] if global_counts is not None and name in global_counts else c
+        mean = s / torch.clamp(torch.as_tensor(count, dtype=torch.float32, device=s.device), min=1.0)
+        means[name] = mean.detach()
+        w = weights.get(name, 0.0)
+        if w != 0:
+            total = w * mean if total is None else total + w * mean
+    if total is None:
+        raise AlignTIError("no loss term has a non-zero weight")
+    return total, means
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The distillation objective; field names are CLI option names (`_` -> `-`)."""
+
+    recipe: str = field(default="alignti", metadata={"help": "loss weights preset", "choices": tuple(RECIPES)})
+    divergence: str = field(default="fkl", metadata={
+        "help": "fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD", "choices": DIVERGENCES})
+    jsd_beta: float = field(default=0.5, metadata={"help": "teacher weight of the JSD mixture, in [0, 1]"})
+    tail: str = field(default="bucket", metadata={
+        "help": "bucket = top-k plus an exact tail bucket; renorm = renormalised top-k", "choices": TAILS})
+    tpa_weighting: str = field(default="teacher", metadata={
+        "help": "TPA candidate weights: teacher probabilities renormalised, or uniform", "choices": TPA_WEIGHTINGS})
+    iva_target: str = field(default="logits", metadata={
+        "help": "IVA target: teacher distributions at salient vision rows, or saliency vs student attention",
+        "choices": IVA_TARGETS})
+    chunk_size: int = field(default=1024, metadata={"help": "rows per fp32 loss chunk (memory vs speed)"})
+    sft_weight: float | None = field(default=None, metadata={"help": "weight of L_sft [default: from --recipe]"})
+    kd_weight: float | None = field(default=None, metadata={"help": "weight of L_kd [default: from --recipe]"})
+    iva_weight: float | None = field(default=None, metadata={"help": "weight of L_iva [default: from --recipe]"})
+    tpa_weight: float | None = field(default=None, metadata={"help": "weight of L_tpa [default: from --recipe]"})
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise AlignTIError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        # A weight left at None takes the recipe's preset (frozen: set through object).
+        for name, preset in zip(TERMS, RECIPES[self.recipe]):
+            if getattr(self, f"{name}_weight") is None:
+                object.__setattr__(self, f"{name}_weight", preset)
+        check_divergence(self.divergence, self.jsd_beta, self.tail)
+        for name, allowed in (("tpa_weighting", TPA_WEIGHTINGS), ("iva_target", IVA_TARGETS)):
+            if getattr(self, name) not in allowed:
+                raise AlignTIError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.chunk_size < 1:
+            raise AlignTIError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        weights = self.weights()
+        bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise AlignTIError(f"loss weights must be finite and >= 0: {bad}")
+        if not any(w > 0 for w in weights.values()):
+            raise AlignTIError("every loss weight is 0: nothing to train")
+
+    def weights(self) -> dict[str, float]:
+        """{"sft", "kd", "iva", "tpa"} -> weight, the `weights` argument of `combine`."""
+        return {n: float(getattr(self, f"{n}_weight")) for n in TERMS}
+
+    def divergence_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments shared by kd_loss, iva_loss and tpa_loss."""
+        return {"divergence": self.divergence, "beta": self.jsd_beta, "tail": self.tail, "chunk_size": self.chunk_size}
+
+
+def build_loss_config(recipe: str = "alignti", **overrides: Any) -> LossConfig:
+    """LossConfig from a recipe preset plus overrides; an override of None keeps the default.
+
+    Unknown recipe, unknown option or an invalid value -> AlignTIError.
+    """
+    names = {f.name for f in dataclasses.fields(LossConfig)} - {"recipe"}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise AlignTIError(f"unknown loss option(s): {', '.join(unknown)}")
+    return LossConfig(recipe=recipe, **{k: v for k, v in overrides.items() if v is not None})

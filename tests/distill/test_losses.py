@@ -1,0 +1,446 @@
+"""Loss tests against float64 brute-force references written independently here.
+
+The references build the (k+1) buckets with explicit Python loops over ids and vocabulary in
+numpy float64 (softmax by exp/sum, tail mass by summing probabilities, never logsumexp masks),
+so they share no code path with `alignti.distill.kl`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignti.distill.kl import PADDED_MASS_WARN, chunked_topk_kl, padded_teacher_mass, topk_kl_rows
+from alignti.distill.losses import (
+    LossConfig, build_loss_config, combine, iva_attention_loss, iva_loss, kd_loss, sft_loss, tpa_loss,
+)
+from alignti.errors import AlignTIError
+
+DIVS = ("fkl", "rkl", "jsd")
+
+
+# ----------------------------------------------------------------- float64 references
+def softmax64(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def div64(p, q, divergence: str, beta: float = 0.5) -> float:
+    """Divergence between two finite distributions given as lists, by explicit loops."""
+    if divergence == "rkl":
+        p, q = q, p
+    if divergence in ("fkl", "rkl"):
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+    kl_pm = sum(pi * math.log(pi / mi) for pi, mi in zip(p, m) if pi > 0)
+    kl_qm = sum(qi * math.log(qi / mi) for qi, mi in zip(q, m) if qi > 0)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+def buckets64(student_row, ids, logprobs, tail: str):
+    """Teacher and student bucket lists for one row (ids outside [0, V) go to the tail)."""
+    q_full = softmax64(student_row)
+    v = len(q_full)
+    head = [(int(i), math.exp(float(lp))) for i, lp in zip(ids, logprobs) if 0 <= int(i) < v]
+    p = [pi for _, pi in head]
+    q = [float(q_full[i]) for i, _ in head]
+    if tail == "renorm":
+        return [x / sum(p) for x in p], [x / sum(q) for x in q]
+    in_head = {i for i, _ in head}
+    rest = [j for j in range(v) if j not in in_head]
+    if rest:
+        p.append(max(0.0, 1.0 - sum(p)))
+        q.append(float(sum(q_full[j] for j in rest)))
+    return p, q
+
+
+def topk_ref(student, ids, logprobs, divergence, tail="bucket", beta=0.5) -> np.ndarray:
+    s, i, lp = (t.detach().double().numpy() for t in (student, ids, logprobs))
+    return np.array([div64(*buckets64(s[n], i[n], lp[n], tail), divergence, beta) for n in range(len(s))])
+
+
+def full_ref(student, teacher, divergence, beta=0.5) -> np.ndarray:
+    s, t = student.detach().double().numpy(), teacher.detach().double().numpy()
+    return np.array([div64(list(softmax64(t[n])), list(softmax64(s[n])), divergence, beta) for n in range(len(s))])
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int):
+    lp = torch.log_softmax(teacher_logits.double(), -1)
+    vals, ids = lp.topk(k, -1)
+    return ids, vals.float()
+
+
+def rand(*shape, scale=2.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ----------------------------------------------------------------- top-k KL
+@pytest.mark.parametrize("divergence", DIVS)
+def test_k_equals_v_gives_full_divergence(divergence):
+    n, v = 6, 11
+    student, teacher = rand(n, v, seed=1), rand(n, v, seed=2)
+    ids = torch.stack([torch.randperm(v, generator=torch.Generator().manual_seed(r)) for r in range(n)])
+    logprobs = torch.log_softmax(teacher.double(), -1).gather(1, ids).float()
+    x = student.clone().requires_grad_()
+    rows = topk_kl_rows(x, ids, logprobs, divergence=divergence, beta=0.3)
+    np.testing.assert_allclose(rows.detach().double().numpy(), full_ref(student, teacher, divergence, beta=0.3),
+                               rtol=1e-5, atol=1e-6)
+    rows.sum().backward()  # the empty tail bucket must not leak NaN into the gradient
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("tail", ("bucket", "renorm"))
+@pytest.mark.parametrize("k", (1, 4, 12))
+def test_topk_matches_bucket_reference(divergence, tail, k):
+    n, v = 7, 13
+    student, teacher = rand(n, v, seed=3), rand(n, v, seed=4)
+    ids, logprobs = teacher_topk(teacher, k)
+    got = topk_kl_rows(student, ids, logprobs, divergence=divergence, beta=0.3, tail=tail).double().numpy()
+    np.testing.assert_allclose(got, topk_ref(student, ids, logprobs, divergence, tail, beta=0.3), rtol=1e-5, atol=1e-6)
+    if tail == "bucket":  # merging buckets never increases an f-divergence
+        full = full_ref(student, teacher, divergence, beta=0.3)  # teacher log-probs were fp32-rounded
+        assert (got <= full + 1e-5 * (1 + full)).all()
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("tail", ("bucket", "renorm"))
+def test_identical_teacher_and_student_give_zero(divergence, tail):
+    logits = rand(5, 20, seed=5).requires_grad_()
+    ids, logprobs = teacher_topk(logits.detach(), 6)
+    rows = topk_kl_rows(logits, ids, logprobs, divergence=divergence, tail=tail)
+    assert rows.abs().max() < 1e-6
+    rows.sum().backward()  # a minimum: the gradient vanishes too
+    assert logits.grad.abs().max() < 1e-5
+
+
+def test_tail_mass_is_exact_not_one_minus_head():
+    # The student puts ~all mass on the head: 1 - sum q would cancel to 0 in fp32.
+    student = torch.tensor([[30.0, 0.0, 0.0, 0.0, 0.0]])
+    teacher = torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0]])
+    ids, logprobs = teacher_topk(teacher, 1)
+    got = topk_kl_rows(student, ids, logprobs).double().numpy()
+    np.testing.assert_allclose(got, topk_ref(student, ids, logprobs, "fkl"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tail", ("bucket", "renorm"))
+@pytest.mark.parametrize("divergence", DIVS)
+def test_padded_vocab_ids_move_to_tail(divergence, tail):
+    n, v, pad = 5, 10, 4
+    teacher = rand(n, v + pad, seed=6)
+    teacher[:, v:] += 3.0  # padded ids carry real mass and reach the top-k
+    student = rand(n, v, seed=7)
+    ids, logprobs = teacher_topk(teacher, 6)
+    assert (ids >= v).any() and (ids < v).any()
+    got = topk_kl_rows(student, ids, logprobs, divergence=divergence, beta=0.4, tail=tail).double().numpy()
+    np.testing.assert_allclose(got, topk_ref(student, ids, logprobs, divergence, tail, beta=0.4), rtol=1e-5, atol=1e-6)
+    mass = padded_teacher_mass(ids, logprobs, v).double().numpy()
+    lp64 = logprobs.double().numpy()
+    expected = [sum(math.exp(lp64[r, j]) for j in range(ids.shape[1]) if ids[r, j] >= v) for r in range(n)]
+    np.testing.assert_allclose(mass, expected, rtol=1e-6)
+    assert mass.max() > PADDED_MASS_WARN
+
+
+def test_rows_with_only_padded_ids_are_zero_and_nan_free():
+    student = rand(3, 8, seed=8).requires_grad_()
+    ids = torch.full((3, 2), 9)
+    logprobs = torch.log(torch.tensor([[0.5, 0.3]] * 3))
+    for divergence in DIVS:
+        for tail in ("bucket", "renorm"):
+            rows = topk_kl_rows(student, ids, logprobs, divergence=divergence, tail=tail)
+            rows.sum().backward()
+            assert rows.abs().max() < 1e-6 and not student.grad.isnan().any()
+
+
+def test_rkl_with_empty_teacher_tail_is_finite():
+    # Teacher head sums to 1 (tail r = 0) but the student has tail mass: KL(q || p) would be inf.
+    student = rand(2, 6, seed=9).requires_grad_()
+    ids = torch.tensor([[0, 1], [2, 3]])
+    logprobs = torch.log(torch.tensor([[0.6, 0.4], [0.7, 0.3]]))
+    rows = topk_kl_rows(student, ids, logprobs, divergence="rkl")
+    rows.sum().backward()
+    assert torch.isfinite(rows).all() and torch.isfinite(student.grad).all() and (rows > 0).all()
+
+
+def test_jsd_limits_symmetry_and_bound():
+    n, v = 8, 9
+    student, teacher = rand(n, v, scale=4.0, seed=10), rand(n, v, scale=4.0, seed=11)
+    all_ids = torch.arange(v).expand(n, v)
+    lp_t = torch.log_softmax(teacher.double(), -1).float()
+    lp_s = torch.log_softmax(student.double(), -1).float()
+    for beta in (0.0, 1.0):  # mixture equals one side, whose weight is 0
+        assert topk_kl_rows(student, all_ids, lp_t, divergence="jsd", beta=beta).abs().max() == 0
+    ab = topk_kl_rows(student, all_ids, lp_t, divergence="jsd", beta=0.5)
+    ba = topk_kl_rows(teacher, all_ids, lp_s, divergence="jsd", beta=0.5)
+    torch.testing.assert_close(ab, ba, rtol=1e-5, atol=1e-6)
+    for beta in (1e-3, 0.2, 0.5, 0.9):
+        rows = topk_kl_rows(student, all_ids, lp_t, divergence="jsd", beta=beta)
+        bound = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)  # binary entropy
+        assert (rows >= -1e-7).all() and (rows <= bound + 1e-6).all()
+    # Nearly disjoint distributions approach the bound log 2.
+    far = torch.tensor([[40.0, 0.0]])
+    lp_far = torch.log_softmax(torch.tensor([[0.0, 40.0]], dtype=torch.float64), -1).float()
+    assert abs(topk_kl_rows(far, torch.tensor([[0, 1]]), lp_far, divergence="jsd").item() - math.log(2)) < 1e-5
+
+
+# ----------------------------------------------------------------- chunking, masking, dtypes
+@pytest.mark.parametrize("divergence", DIVS)
+def test_chunked_equals_unchunked(divergence):
+    n, v, k = 23, 17, 5
+    base, teacher = rand(n + 4, v, seed=12), rand(n, v, seed=13)
+    ids, logprobs = teacher_topk(teacher, k)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    index = torch.randperm(n + 4, generator=torch.Generator().manual_seed(1))[:n]
+
+    ref_in = base.clone().requires_grad_()
+    ref = (topk_kl_rows(ref_in[index], ids, logprobs, divergence=divergence) * weights).sum()
+    ref.backward()
+    for chunk in (1, 4, 1000):
+        x = base.clone().requires_grad_()
+        total, count = chunked_topk_kl(x, ids, logprobs, weights=weights, row_index=index, chunk_size=chunk,
+                                       divergence=divergence)
+        total.backward()
+        torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(count, weights.sum())
+    plain, count = chunked_topk_kl(base[index], ids, logprobs, chunk_size=4, divergence=divergence)
+    torch.testing.assert_close(plain, topk_kl_rows(base[index], ids, logprobs, divergence=divergence).sum())
+    assert count.item() == n
+
+
+def _saved_fp32_numel(fn) -> int:
+    """Largest fp32 tensor autograd keeps for backward while running fn()."""
+    sizes = [0]
+
+    def pack(t):
+        if t.dtype == torch.float32:
+            sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_chunks_keep_no_full_fp32_copy():
+    n, v, chunk = 64, 50, 8
+    logits = rand(n, v, seed=14).bfloat16().requires_grad_()
+    ids, logprobs = teacher_topk(rand(n, v, seed=15), 4)
+    chunked = _saved_fp32_numel(lambda: chunked_topk_kl(logits, ids, logprobs, chunk_size=chunk))
+    assert chunked <= n * ids.shape[1]  # only the [N, k] teacher log-probs, no [*, V] fp32
+    whole = _saved_fp32_numel(lambda: topk_kl_rows(logits, ids, logprobs))
+    assert whole >= n * v  # the unchunked path does keep one: the check can fail
+
+
+def test_sft_matches_reference_chunked_and_unchunked():
+    b, t, v = 3, 7, 11
+    logits = rand(b, t, v, seed=16)
+    labels = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(2))
+    labels[0, :4] = -100
+    labels[2, 2] = -100
+    x64, lab = logits.double().numpy(), labels.numpy()
+    pairs = [(i, j) for i in range(b) for j in range(t - 1) if lab[i, j + 1] != -100]
+    expected = sum(-math.log(softmax64(x64[i, j])[lab[i, j + 1]]) for i, j in pairs)
+    ref_in = logits.clone().requires_grad_()
+    F.cross_entropy(ref_in[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), reduction="sum").backward()
+    for chunk in (1, 3, 1024):
+        x = logits.clone().requires_grad_()
+        total, count = sft_loss(x, labels, chunk_size=chunk)
+        total.backward()
+        assert count.item() == len(pairs)
+        assert abs(total.item() - expected) < 1e-4
+        torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_all_masked_gives_zero_and_no_nan():
+    v = 9
+    logits = rand(2, 5, v, seed=17).requires_grad_()
+    rows = rand(4, v, seed=18).requires_grad_()
+    empty_ids, empty_lp = torch.zeros((0, 3), dtype=torch.long), torch.zeros((0, 3))
+    terms = {
+        "sft": sft_loss(logits, torch.full((2, 5), -100)),
+        "kd": kd_loss(rows[:0], empty_ids, empty_lp),
+        "iva": iva_loss(rows[:0], empty_ids, empty_lp, torch.zeros(0), torch.zeros(0, dtype=torch.long), 3),
+        "tpa": tpa_loss(rows[:0], empty_ids, empty_lp, torch.zeros((0, 2))),
+        "kd_indexed": kd_loss(rows, empty_ids, empty_lp, row_index=torch.zeros(0, dtype=torch.long)),
+    }
+    for name, (s, c) in terms.items():
+        assert s.item() == 0 and c.item() == 0, name
+    total, means = combine(terms, {"sft": 1.0, "kd": 1.0, "iva": 0.5, "tpa": 2.0, "kd_indexed": 1.0})
+    total.backward()
+    assert total.item() == 0 and all(m.item() == 0 for m in means.values())
+    for g in (logits.grad, rows.grad):
+        assert g is not None and not g.isnan().any() and g.abs().max() == 0
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    n, v = 9, 14
+    student = rand(n, v, seed=19).bfloat16()
+    ids, logprobs = teacher_topk(rand(n, v, seed=20), 5)
+    for divergence in DIVS:
+        x = student.clone().requires_grad_()
+        total, _ = chunked_topk_kl(x, ids, logprobs.bfloat16(), chunk_size=4, divergence=divergence)
+        total.backward()
+        assert total.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+        ref = topk_ref(student.float(), ids, logprobs.bfloat16().float(), divergence).sum()
+        assert abs(total.item() - ref) < 1e-5 * max(1.0, abs(ref))
+    labels = torch.randint(0, v, (1, n), generator=torch.Generator().manual_seed(3))
+    s, c = sft_loss(student[None], labels)
+    torch.testing.assert_close(s, F.cross_entropy(student[:-1].float(), labels[0, 1:], reduction="sum"))
+
+
+# ----------------------------------------------------------------- IVA, TPA
+def test_iva_loss_matches_reference():
+    v, k = 12, 4
+    sample_index = torch.tensor([0, 0, 0, 2, 2, 3])  # sample 1 has no rows; sample 3 has zero weight
+    w = torch.tensor([0.3, 0.1, 0.2, 0.05, 0.15, 0.0])
+    student = rand(6, v, seed=21).requires_grad_()
+    ids, logprobs = teacher_topk(rand(6, v, seed=22), k)
+    total, count = iva_loss(student, ids, logprobs, w, sample_index, 4, chunk_size=2)
+    kl = topk_ref(student, ids, logprobs, "fkl")
+    expected = sum(kl[i] * w[i].item() / 0.6 for i in range(3)) + sum(kl[i] * w[i].item() / 0.2 for i in (3, 4))
+    expected += kl[5]  # a zero-weight sample falls back to uniform weights over its rows
+    assert count.item() == 3
+    assert abs(total.item() - expected) < 1e-5
+
+
+def test_iva_attention_loss_matches_reference():
+    sal = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    att = torch.tensor([[0.4, 0.4, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]], requires_grad=True)
+    total, count = iva_attention_loss(sal, att)
+    expected = sum(div64(list(sal[i].double().numpy()), list(att[i].detach().double().numpy()), "fkl") for i in range(2))
+    assert count.item() == 2 and abs(total.item() - expected) < 1e-6
+    total.backward()
+    assert torch.isfinite(att.grad).all()
+
+
+@pytest.mark.parametrize("weighting", ("teacher", "uniform"))
+def test_tpa_equals_chain_rule_term_on_tiny_vocab(weighting):
+    v, steps = 8, 3
+    d = v - 1
+    gen = torch.Generator().manual_seed(4)
+    rows, t_ids, t_lps, cand_lps, expected = [], [], [], [], 0.0
+    for step in range(steps):
+        step_logits = torch.randn(v, generator=gen) * 2
+        p_step = softmax64(step_logits.numpy())
+        y = step
+        cands = [a for a in torch.randperm(v, generator=gen).tolist() if a != y]  # all a != y_t
+        teacher_after = torch.randn(v, v, generator=gen) * 2  # p_T(. | y_<t, a), one row per a
+        student_after = torch.randn(v, v, generator=gen) * 2  # p_S(. | y_<t, a)
+        kl = {a: div64(list(softmax64(teacher_after[a].numpy())), list(softmax64(student_after[a].numpy())), "fkl")
+              for a in cands}
+        if weighting == "teacher":
+            expected += sum(p_step[a] * kl[a] for a in cands) / sum(p_step[a] for a in cands)
+        else:
+            expected += sum(kl.values()) / d
+        for a in cands:
+            ids, lps = teacher_topk(teacher_after[a][None], v)  # k_t = V
+            rows.append(student_after[a])
+            t_ids.append(ids[0])
+            t_lps.append(lps[0])
+        cand_lps.append(torch.log(torch.tensor([p_step[a] for a in cands], dtype=torch.float64)).float())
+    total, count = tpa_loss(torch.stack(rows), torch.stack(t_ids), torch.stack(t_lps), torch.stack(cand_lps),
+                            weighting=weighting, chunk_size=5)
+    assert count.item() == steps
+    assert abs(total.item() - expected) < 1e-5
+
+
+def test_tpa_padded_candidate_slots_have_zero_weight():
+    v = 6
+    student = rand(4, v, seed=23)
+    ids, lps = teacher_topk(rand(4, v, seed=24), 3)
+    cand = torch.tensor([[math.log(0.2), float("-inf")], [float("-inf"), float("-inf")]])
+    total, count = tpa_loss(student, ids, lps, cand)
+    assert count.item() == 1
+    torch.testing.assert_close(total, topk_kl_rows(student[:1], ids[:1], lps[:1]).sum())
+
+
+# ----------------------------------------------------------------- gradient accumulation
+def _micro_batch(seed: int, h: int, v: int):
+    g = torch.Generator().manual_seed(seed)
+    b, t = 2, 3 + seed % 3  # different sizes and label counts per micro-batch
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, : 1 + seed % 2] = -100
+    n_kd, n_s, d = 2 + seed, 1 + seed % 2, 2
+    m = 3 * n_s - seed % 2
+    return {
+        "x_sft": torch.randn(b, t, h, generator=g), "labels": labels,
+        "x_kd": torch.randn(n_kd, h, generator=g), "kd": teacher_topk(torch.randn(n_kd, v, generator=g) * 2, 4),
+        "x_iva": torch.randn(m, h, generator=g), "iva": teacher_topk(torch.randn(m, v, generator=g) * 2, 3),
+        "w": torch.rand(m, generator=g), "sample": torch.arange(m) % n_s, "n_s": n_s,
+        "x_tpa": torch.randn(n_kd * d, h, generator=g), "tpa": teacher_topk(torch.randn(n_kd * d, v, generator=g), 4),
+        "cand": torch.log_softmax(torch.randn(n_kd, d + 1, generator=g), -1)[:, :d],
+    }
+
+
+def _terms(model, mb):
+    return {
+        "sft": sft_loss(model(mb["x_sft"]), mb["labels"], chunk_size=4),
+        "kd": kd_loss(model(mb["x_kd"]), *mb["kd"], chunk_size=3),
+        "iva": iva_loss(model(mb["x_iva"]), *mb["iva"], mb["w"], mb["sample"], mb["n_s"], chunk_size=2),
+        "tpa": tpa_loss(model(mb["x_tpa"]), *mb["tpa"], mb["cand"], chunk_size=3),
+    }
+
+
+def _concat(mbs):
+    cat = lambda key: torch.cat([mb[key] for mb in mbs])  # noqa: E731
+    t_max = max(mb["labels"].shape[1] for mb in mbs)  # pad to one length: padded targets are -100
+    offsets = np.cumsum([0] + [mb["n_s"] for mb in mbs])
+    return {
+        "x_sft": torch.cat([F.pad(mb["x_sft"], (0, 0, 0, t_max - mb["x_sft"].shape[1])) for mb in mbs]),
+        "labels": torch.cat([F.pad(mb["labels"], (0, t_max - mb["labels"].shape[1]), value=-100) for mb in mbs]),
+        "x_kd": cat("x_kd"), "kd": tuple(torch.cat([mb["kd"][i] for mb in mbs]) for i in (0, 1)),
+        "x_iva": cat("x_iva"), "iva": tuple(torch.cat([mb["iva"][i] for mb in mbs]) for i in (0, 1)),
+        "w": cat("w"), "sample": torch.cat([mb["sample"] + int(o) for mb, o in zip(mbs, offsets)]),
+        "n_s": int(offsets[-1]), "x_tpa": cat("x_tpa"),
+        "tpa": tuple(torch.cat([mb["tpa"][i] for mb in mbs]) for i in (0, 1)), "cand": cat("cand"),
+    }
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    h, v = 5, 10
+    weights = {"sft": 1.0, "kd": 0.7, "iva": 0.5, "tpa": 2.0}
+    mbs = [_micro_batch(s, h, v) for s in range(4)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(h, v)
+
+    big, _ = combine(_terms(model, _concat(mbs)), weights)
+    big.backward()
+    big_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    with torch.no_grad():  # the trainer knows counts before the forward; here: a no-grad pass
+        per_mb = [_terms(model, mb) for mb in mbs]
+    global_counts = {n: sum(t[n][1] for t in per_mb) for n in weights}
+    accumulated, naive = 0.0, 0.0
+    for mb in mbs:
+        total, means = combine(_terms(model, mb), weights, global_counts)
+        total.backward()
+        accumulated += total.item()
+        naive += sum(weights[n] * combine(_terms(model, mb), {n: 1.0})[0].item() for n in weights) / len(mbs)
+    assert abs(accumulated - big.item()) < 1e-5
+    assert abs(naive - big.item()) > 1e-3  # averaging per-micro-batch means would be wrong
+    for p, g in zip(model.parameters(), big_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- config
+def test_loss_config_recipes_and_overrides():
+    assert build_loss_config("sft").weights() == {"sft": 1.0, "kd": 0.0, "iva": 0.0, "tpa": 0.0}
+    assert build_loss_config("kd").weights() == {"sft": 1.0, "kd": 1.0, "iva": 0.0, "tpa": 0.0}
+    assert LossConfig().weights() == {"sft": 1.0, "kd": 1.0, "iva": 1.0, "tpa": 1.0}
+    cfg = build_loss_config("kd", tpa_weight=0.5, divergence="jsd", jsd_beta=0.2, kd_weight=None)
+    assert cfg.weights()["tpa"] == 0.5 and cfg.weights()["kd"] == 1.0
+    assert cfg.divergence_kwargs() == {"divergence": "jsd", "beta": 0.2, "tail": "bucket", "chunk_size": 1024}
+    for bad in ({"recipe": "nope"}, {"divergence": "kl"}, {"jsd_beta": 1.5}, {"tail": "x"},
+                {"tpa_weighting": "x"}, {"iva_target": "x"}, {"sft_weight": -1.0}, {"chunk_size": 0}, {"bogus": 1}):
+        with pytest.raises(AlignTIError):
+            build_loss_config(**bad)
+    with pytest.raises(AlignTIError):
+        build_loss_config("sft", sft_weight=0.0)
+    with pytest.raises(AlignTIError):
+        combine({"sft": (torch.tensor(1.0), torch.tensor(1.0))}, {"sft": 1.0, "kd": 1.0})
