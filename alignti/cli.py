@@ -14,6 +14,8 @@ import click
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.errors import AlignTIError
+from alignti.extract.irs import IrsConfig, run_irs
+from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
 
 
@@ -40,6 +42,20 @@ def data_shapes(cfg: ShapesConfig) -> None:
 def assemble(cfg: AssembleConfig) -> None:
     """Build a LLaVA model from a local LM + vision tower, or a tiny random one (--random)."""
     click.echo(str(run_assemble(cfg)))
+
+
+@cli.command()
+@from_dataclass(IrsConfig)
+def irs(cfg: IrsConfig) -> None:
+    """Score every teacher LM layer for instruction-aware visual focus (IRS); pick l*."""
+    click.echo(json.dumps(run_irs(cfg), indent=2))
+
+
+@cli.command()
+@from_dataclass(ExtractConfig)
+def extract(cfg: ExtractConfig) -> None:
+    """Run the teacher once over a corpus and cache every Align-TI signal."""
+    click.echo(json.dumps(run_extract(cfg), indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,190 @@
+"""`alignti extract`: run the teacher once over a corpus and write every Align-TI signal.
+
+Reads top to bottom as the whole run: load the teacher, resolve the IVA layer (IRS), open
+the cache for this worker, stream + encode + length-group the corpus, run each batch through
+`TeacherSignals`, write parts, print a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from alignti.data.batching import collate, length_grouped
+from alignti.data.corpus import Reject, read_corpus
+from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.errors import AlignTIError
+from alignti.extract.irs import calibration_samples, compute_irs
+from alignti.extract.irs_score import choose_layer
+from alignti.extract.teacher import TeacherSignals
+from alignti.models.fingerprint import fingerprint_model_dir
+from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.storage.lifecycle import load_existing, local_root
+from alignti.storage.schema import CacheManifest, CacheSettings
+from alignti.storage.writer import CacheWriter, resolve_worker
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`alignti extract` options (defaults are design.md's)."""
+
+    teacher: str = field(metadata={"help": "teacher model directory"})
+    data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
+    image_root: str = field(metadata={"help": "directory image paths are relative to (never read outside it)"})
+    out: str = field(metadata={"help": "cache directory"})
+    top_k: int = field(default=64, metadata={"help": "top-k teacher log-probs per response token"})
+    tpa_d: int = field(default=4, metadata={"help": "TPA candidates per response step (0 = no TPA)"})
+    tpa_top_k: int = field(default=16, metadata={"help": "top-k_t of each candidate's next-token row"})
+    tpa_proposal: str = field(default="top", metadata={"help": "top: teacher's top-d except y_t; sample: seeded draws",
+                                                       "choices": ("top", "sample")})
+    tpa_max_positions: int | None = field(default=None, metadata={
+        "help": "response steps per sample that get candidates (most off-path mass first; default all)"})
+    iva_layer: str = field(default="auto", metadata={"help": "auto (IRS) | none | LM layer index"})
+    iva_max_positions: int = field(default=64, metadata={"help": "P: most salient vision positions kept"})
+    iva_top_k: int = field(default=16, metadata={"help": "top-k_v teacher log-probs at salient vision positions"})
+    irs_samples: int = field(default=256, metadata={"help": "calibration samples for --iva-layer auto"})
+    batch_size: int = field(default=8, metadata={"help": "samples per teacher forward"})
+    max_length: int = field(default=2048, metadata={"help": "longer samples are rejected (too_long)"})
+    part_size: int = field(default=256, metadata={"help": "samples per committed cache part"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i] (LOCAL_RANK respected)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N corpus rows"})
+    worker: str | None = field(default=None, metadata={"help": "i/n: this process handles rows i, i+n, ... "
+                                                                "(default: RANK/WORLD_SIZE env, else 0/1)"})
+    resume: bool = field(default=False, metadata={"help": "continue an existing cache (same teacher and settings)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing cache first"})
+    seed: int = field(default=0, metadata={"help": "seed for --tpa-proposal sample"})
+    chunk_size: int = field(default=256, metadata={"help": "rows per LM-head chunk (memory bound)"})
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise AlignTIError("--resume and --overwrite are mutually exclusive")
+        if self.top_k < 1 or self.tpa_top_k < 1 or self.iva_top_k < 1 or self.tpa_d < 0:
+            raise AlignTIError("top-k values must be >= 1 and --tpa-d >= 0")
+        if self.tpa_proposal == "top" and self.tpa_d >= self.top_k:
+            raise AlignTIError("--tpa-proposal top needs --tpa-d < --top-k")
+        if self.iva_layer not in ("auto", "none") and not self.iva_layer.lstrip("-").isdigit():
+            raise AlignTIError(f"--iva-layer must be auto, none or an integer, got {self.iva_layer!r}")
+        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
+            raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
+        parse_worker(self.worker)
+
+
+def parse_worker(spec: str | None) -> tuple[int | None, int | None]:
+    """'i/n' -> (i, n); None -> (None, None) (the writer then reads RANK/WORLD_SIZE)."""
+    if spec is None:
+        return None, None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise AlignTIError(f"--worker must look like i/n, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise AlignTIError(f"--worker {spec}: need 0 <= i < n")
+    return i, n
+
+
+def resolve_iva_layer(cfg: ExtractConfig, model, encoder: SampleEncoder, pad_id: int) -> tuple[int | None, list | None]:
+    """The IVA layer and IRS scores: explicit, none, reused from the cache being resumed, or IRS."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.iva_layer == "none":
+        return None, None
+    if cfg.iva_layer != "auto":
+        layer = int(cfg.iva_layer)
+        if not 0 <= layer < num_layers:
+            raise AlignTIError(f"--iva-layer {layer} is outside the teacher's LM layers 0..{num_layers - 1}")
+        return layer, None
+    existing = load_existing(local_root(cfg.out)) if cfg.resume and Path(cfg.out).exists() else None
+    if existing is not None and existing.settings.iva_layer is not None:
+        return existing.settings.iva_layer, existing.settings.irs_scores
+    samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
+    if len(samples) < 2:
+        raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
+    scores = compute_irs(model, samples, pad_id, cfg.batch_size, progress=True)
+    return choose_layer(scores), [round(float(s), 6) for s in scores]
+
+
+def worker_rows(data: str, worker: int, num_workers: int, limit: int | None) -> Iterator:
+    """Corpus rows of this worker: row i goes to worker i % n (stable for a given corpus)."""
+    for i, row in enumerate(read_corpus(data)):
+        if limit is not None and i >= limit:
+            return
+        if i % num_workers == worker:
+            yield row
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Run the teacher over the corpus and write the cache; returns the summary."""
+    start = time.time()
+    worker, num_workers = resolve_worker(*parse_worker(cfg.worker))
+    device = resolve_device(cfg.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
+    processor = load_processor(cfg.teacher)
+    pad_id = processor.tokenizer.pad_token_id
+    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    iva_layer, irs = resolve_iva_layer(cfg, model, encoder, pad_id)
+    settings = CacheSettings(top_k=cfg.top_k, tpa_d=cfg.tpa_d, tpa_top_k=cfg.tpa_top_k, tpa_proposal=cfg.tpa_proposal,
+                             tpa_max_positions=cfg.tpa_max_positions, iva_max_positions=cfg.iva_max_positions,
+                             iva_top_k=cfg.iva_top_k, iva_layer=iva_layer, irs_scores=irs, seed=cfg.seed,
+                             max_length=cfg.max_length)
+    manifest = CacheManifest.create(fingerprint_model_dir(cfg.teacher), settings, extra={
+        "data": str(Path(cfg.data).resolve()), "image_root": str(Path(cfg.image_root).resolve()),
+        "teacher": str(Path(cfg.teacher).resolve())})
+    writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
+                              overwrite=cfg.overwrite, part_size=cfg.part_size)
+    teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
+    stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
+    with writer:
+        committed, rejected = writer.committed_ids(), writer.rejected_source_ids()
+
+        def samples() -> Iterator[EncodedSample]:
+            for row in worker_rows(cfg.data, worker, num_workers, cfg.limit):
+                if row.source_id in rejected:
+                    continue
+                enc = row if isinstance(row, Reject) else encoder.encode(row)
+                if isinstance(enc, Reject):
+                    stats["rejects"][enc.reason] += writer.add_reject(enc.source_id, enc.reason, enc.detail)
+                elif enc.sample_id in committed:
+                    stats["skipped"] += 1
+                else:
+                    yield enc
+
+        bar = tqdm(desc=f"extract w{worker}/{num_workers}", unit="sample", dynamic_ncols=True)
+        for group in length_grouped(samples(), cfg.batch_size):
+            t0 = time.time()
+            signals = teacher(collate(group, pad_id))
+            stats["teacher_seconds"] += time.time() - t0
+            for sig in signals:
+                stats["written"] += writer.add(sig)
+            stats["tokens"] += sum(s.length for s in group)
+            elapsed = max(time.time() - start, 1e-9)
+            bar.update(len(group))
+            bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:.0f}", rejects=sum(stats["rejects"].values()))
+        bar.close()
+    return _summary(cfg, stats, worker, num_workers, iva_layer, time.time() - start)
+
+
+def _summary(cfg: ExtractConfig, stats: dict, worker: int, num_workers: int, iva_layer: int | None,
+             wall: float) -> dict:
+    from alignti.storage.reader import CacheReader
+    from alignti.storage.stats import signal_bytes
+
+    reader = CacheReader.open(cfg.out)
+    per_signal, total = signal_bytes(reader)
+    n_tok = max(reader.num_response_tokens, 1)
+    return {
+        "cache": cfg.out, "worker": f"{worker}/{num_workers}", "samples_written": stats["written"],
+        "samples_skipped_resume": stats["skipped"], "rejects": dict(stats["rejects"]),
+        "cache_samples": len(reader), "cache_response_tokens": reader.num_response_tokens,
+        "bytes_per_response_token": round(total / n_tok, 1),
+        "bytes_per_response_token_by_signal": {k: round(v / n_tok, 1) for k, v in per_signal.items()},
+        "iva_layer": iva_layer, "tokens": stats["tokens"], "teacher_seconds": round(stats["teacher_seconds"], 3),
+        "wall_seconds": round(wall, 3), "samples_per_second": round(stats["written"] / max(wall, 1e-9), 2),
+    }

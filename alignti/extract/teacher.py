@@ -1,0 +1,150 @@
+"""One batch through the teacher -> every sample's Align-TI signals (`SampleSignals`).
+
+Two teacher passes per batch (design.md sections 2 and 9):
+1. the plain forward over the right-padded ground truth, with the attention probe at the IVA
+   layer and a KV cache: response top-k rows, saliency, vision-position rows, TPA proposals;
+2. the candidate pass on top of that cache (the ribbon's teacher-side shortcut): each
+   candidate's top-k_t row.
+The LM head is applied to the needed rows only, in chunks (`signals.py`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from alignti.data.batching import Batch
+from alignti.data.encode import EncodedSample
+from alignti.extract.probe import probe_attention
+from alignti.extract.ribbon import build_candidate_pass, gather_candidates
+from alignti.extract.signals import (
+    choose_tpa_steps, gather_logprobs, propose_sample, propose_top, sample_seed, topk_logprobs,
+)
+from alignti.storage.schema import CacheSettings, SampleSignals
+
+
+def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Query (instruction) and key (vision) positions per sample for the probe.
+
+    A sample with no instruction text (e.g. only `<image>`) queries from the last prompt token,
+    the position that predicts the first answer token. Text-only samples get placeholder keys
+    (their result is ignored) because the probe needs the same key count for every sample.
+    """
+    queries, keys = [], []
+    for s in samples:
+        q = s.instruction_positions
+        if q.numel() == 0:
+            first = s.resp_positions[:1]
+            q = first if first.numel() else torch.tensor([s.length - 1])
+        queries.append(q)
+        keys.append(s.vision_positions[:n_v] if s.n_v else torch.arange(n_v))
+    return queries, keys
+
+
+def _empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.zeros(shape, dtype=dtype)
+
+
+class TeacherSignals:
+    """Computes `SampleSignals` for batches with one teacher and one set of settings."""
+
+    def __init__(self, model: PreTrainedModel, settings: CacheSettings, pad_id: int, chunk_size: int = 256) -> None:
+        self.model = model
+        self.settings = settings
+        self.pad_id = pad_id
+        self.chunk_size = chunk_size
+        self.lm_head = model.get_output_embeddings()
+        self.image_token_id = model.config.image_token_id
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> list[SampleSignals]:
+        st = self.settings
+        batch = batch.to(self.model.device, self.model.dtype)
+        n_v = max(s.n_v for s in batch.samples)
+        use_iva = st.iva_layer is not None and n_v > 0
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        probe_ctx = nullcontext(None)
+        if use_iva:
+            queries, keys = probe_targets(batch.samples, n_v)
+            probe_ctx = probe_attention(self.model, [st.iva_layer], queries, keys)
+        with probe_ctx as probe:
+            hidden = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      pixel_values=batch.pixel_values, cache=cache, use_cache=True)[0]  # [B, T, H]
+        saliency = probe.result(normalize=True)[st.iva_layer] if use_iva else None  # [B, n_v]
+        parts = [self._sample(b, s, hidden[b], saliency) for b, s in enumerate(batch.samples)]
+        self._candidate_rows(batch, parts, cache)
+        return [self._finish(s, p) for s, p in zip(batch.samples, parts)]
+
+    def _sample(self, b: int, s: EncodedSample, hidden: torch.Tensor, saliency: torch.Tensor | None) -> dict:
+        """Signals read off the plain pass for one sample. hidden: [T, H]."""
+        st, dev = self.settings, hidden.device
+        resp = s.resp_positions.to(dev)
+        ids, lps = topk_logprobs(hidden[resp], self.lm_head, st.top_k, self.chunk_size)
+        out = {"resp": resp, "topk_ids": ids, "topk_lps": lps}
+        targets = s.input_ids.to(dev)[resp + 1]
+        if st.tpa_d > 0 and resp.numel():
+            target_lp = gather_logprobs(hidden[resp], self.lm_head, targets[:, None], self.chunk_size)[:, 0]
+            rows = choose_tpa_steps(target_lp, st.tpa_max_positions)
+            if st.tpa_proposal == "top":
+                cands = propose_top(ids[rows], targets[rows], st.tpa_d)
+            else:
+                cands = propose_sample(hidden[resp[rows]], self.lm_head, targets[rows], st.tpa_d,
+                                       sample_seed(st.seed, s.sample_id))
+            out.update(tpa_rows=rows, cands=cands,
+                       cand_lps=gather_logprobs(hidden[resp[rows]], self.lm_head, cands, self.chunk_size))
+        if saliency is not None and s.n_v:
+            w = saliency[b, : s.n_v].float()
+            p = min(st.iva_max_positions, s.n_v)
+            pos = torch.topk(w, p).indices  # most salient first
+            vids, vlps = topk_logprobs(hidden[s.vision_start + pos], self.lm_head, st.iva_top_k, self.chunk_size)
+            out.update(saliency=w, iva_pos=pos, iva_ids=vids, iva_lps=vlps)
+        return out
+
+    def _candidate_rows(self, batch: Batch, parts: list[dict], cache: DynamicCache) -> None:
+        """Run every sample's candidates on top of the plain pass's cache; add their top-k_t rows."""
+        st = self.settings
+        if st.tpa_d <= 0 or not any("cands" in p and p["cands"].numel() for p in parts):
+            return
+        dev = batch.input_ids.device
+        steps = [p["resp"][p["tpa_rows"]] if "cands" in p else torch.zeros(0, dtype=torch.long, device=dev)
+                 for p in parts]
+        cands = [p["cands"] if "cands" in p else torch.zeros(0, st.tpa_d, dtype=torch.long, device=dev)
+                 for p in parts]
+        cp = build_candidate_pass([s.input_ids for s in batch.samples], [x.cpu() for x in steps],
+                                  [c.cpu() for c in cands], cache_length=batch.input_ids.shape[1],
+                                  pad_id=self.pad_id, dtype=self.model.dtype, image_token_id=self.image_token_id,
+                                  device=dev)
+        hidden = self.model.model(**cp.model_inputs(), cache=cache, use_cache=True)[0]  # [B, M, H]
+        rows = gather_candidates(cp, hidden)  # [N, d, H]
+        n, d = rows.shape[:2]
+        ids, lps = topk_logprobs(rows.reshape(n * d, -1), self.lm_head, st.tpa_top_k, self.chunk_size)
+        counts = [int(s.numel()) for s in steps]
+        for p, ids_b, lps_b in zip(parts, ids.view(n, d, -1).split(counts), lps.view(n, d, -1).split(counts)):
+            p["tpa_ids"], p["tpa_lps"] = ids_b, lps_b
+
+    def _finish(self, s: EncodedSample, p: dict) -> SampleSignals:
+        st = self.settings
+        d, kt, kv = st.tpa_d, st.tpa_top_k, st.iva_top_k
+
+        def np32(t: torch.Tensor | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+            return _empty(shape, dtype) if t is None else t.detach().cpu().numpy().astype(dtype)
+
+        return SampleSignals(
+            sample_id=s.sample_id, source_id=s.source_id, image_path=s.image_path, image_sha256=s.image_sha256,
+            text_ids=s.text_ids, label_spans=s.label_spans, n_v=s.n_v, vision_start=s.vision_start,
+            resp_positions=np32(p["resp"], (0,), np.int32),
+            topk_ids=np32(p["topk_ids"], (0, st.top_k), np.int32),
+            topk_logprobs=np32(p["topk_lps"], (0, st.top_k), np.float32),
+            tpa_rows=np32(p.get("tpa_rows"), (0,), np.int32),
+            tpa_cand_ids=np32(p.get("cands"), (0, d), np.int32),
+            tpa_cand_logprobs=np32(p.get("cand_lps"), (0, d), np.float32),
+            tpa_topk_ids=np32(p.get("tpa_ids"), (0, d, kt), np.int32),
+            tpa_topk_logprobs=np32(p.get("tpa_lps"), (0, d, kt), np.float32),
+            saliency=np32(p.get("saliency"), (0,), np.float32),
+            iva_positions=np32(p.get("iva_pos"), (0,), np.int32),
+            iva_topk_ids=np32(p.get("iva_ids"), (0, kv), np.int32),
+            iva_topk_logprobs=np32(p.get("iva_lps"), (0, kv), np.float32),
+        )

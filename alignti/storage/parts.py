@@ -1,0 +1,149 @@
+"""Committed parts on disk: naming, part.json, durable writes, per-worker locks.
+
+A part `parts/w<worker>-<n>/` is written under `parts/.tmp-w<worker>-<n>-<pid>/`, every file is
+fsynced, `part.json` (file sizes + sha256, manifest identity hash, row counts) is written last,
+then the directory is renamed into place. Readers only ever see names matching PART_RE, so a
+crash at any moment leaves either a complete part or an ignored temp dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignti.errors import AlignTIError
+from alignti.storage.schema import PART_JSON, SCHEMA_VERSION
+
+PART_RE = re.compile(r"^w(\d{4,})-(\d{6,})$")
+TMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"
+
+
+def part_name(worker: int, n: int) -> str:
+    return f"w{worker:04d}-{n:06d}"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    m = PART_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A committed part as described by its part.json."""
+
+    name: str
+    worker: int
+    num_samples: int
+    num_rejects: int
+    manifest_hash: str
+    committed_at: float
+    rows: dict[str, int]  # ragged group -> total rows (resp, tpa, sal, iva)
+    files: dict[str, dict[str, Any]]  # relative path -> {"size": int, "sha256": str}
+
+    @classmethod
+    def from_json(cls, name: str, text: bytes | str) -> PartInfo:
+        try:
+            d = json.loads(text)
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise AlignTIError(f"part {name}: part.json has schema_version {d.get('schema_version')!r}, "
+                                   f"expected {SCHEMA_VERSION}")
+            files = {str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in d["files"].items()}
+            return cls(name, int(d["worker"]), int(d["num_samples"]), int(d["num_rejects"]), str(d["manifest_hash"]),
+                       float(d["committed_at"]), {str(k): int(v) for k, v in d["rows"].items()}, files)
+        except AlignTIError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise AlignTIError(f"part {name}: part.json is malformed ({type(e).__name__}: {e})") from None
+
+    def to_json(self) -> str:
+        return json.dumps({"schema_version": SCHEMA_VERSION, "name": self.name, "worker": self.worker,
+                           "num_samples": self.num_samples, "num_rejects": self.num_rejects,
+                           "manifest_hash": self.manifest_hash, "committed_at": self.committed_at,
+                           "rows": self.rows, "files": self.files}, indent=1, sort_keys=True)
+
+    def file_bytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories: so renames and new entries are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_dir(root: Path) -> dict[str, dict[str, Any]]:
+    """fsync every file and directory under `root`; return {relative path: {size, sha256}}."""
+    files: dict[str, dict[str, Any]] = {}
+    for dirpath, _, names in os.walk(root):
+        for n in sorted(names):
+            p = Path(dirpath) / n
+            fsync_path(p)
+            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        fsync_path(Path(dirpath))
+    return files
+
+
+def write_json_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish_part(tmp: Path, final: Path, info: PartInfo) -> None:
+    """Write part.json into `tmp`, fsync, and atomically rename it to `final`."""
+    write_json_durable(tmp / PART_JSON, info.to_json())
+    fsync_path(tmp)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+
+
+def clean_stale_temps(parts_dir: Path, worker: int) -> int:
+    """Remove this worker's temp part dirs left by a crash; returns how many."""
+    prefix = f"{TMP_PREFIX}w{worker:04d}-"
+    stale = [p for p in parts_dir.iterdir() if p.name.startswith(prefix)] if parts_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+class WorkerLock:
+    """An exclusive flock on parts/.lock-w<worker>: one live writer per worker index.
+
+    The kernel drops the lock when the process dies (SIGKILL included), so no stale locks.
+    """
+
+    def __init__(self, parts_dir: Path, worker: int) -> None:
+        self.path = parts_dir / f"{LOCK_PREFIX}w{worker:04d}"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise AlignTIError(f"another process is already writing worker {worker} of this cache "
+                               f"({self.path} is locked)") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()} {time.time():.0f}\n".encode())
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1

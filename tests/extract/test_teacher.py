@@ -1,0 +1,88 @@
+"""Teacher signals against brute-force references from plain full-vocab forwards."""
+
+import pytest
+import torch
+
+from alignti.data.batching import collate
+from alignti.data.corpus import read_corpus
+from alignti.data.encode import SampleEncoder
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.extract.teacher import TeacherSignals, probe_targets
+from alignti.models.loading import load_model, load_processor
+from alignti.storage.schema import CacheSettings
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    run_shapes(ShapesConfig(out=str(root), n=8, seed=3))
+    processor = load_processor(tiny_model_dir)
+    enc = SampleEncoder(processor, str(root), 512)
+    samples = [enc.encode(r) for r in read_corpus(root / "train.json")][:3]
+    model = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a sharper random model: attention and logits far from uniform
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model, processor, samples
+
+
+@pytest.mark.parametrize("proposal", ["top", "sample"])
+def test_signals_equal_brute_force(setup, proposal):
+    model, processor, samples = setup
+    settings = CacheSettings(top_k=8, tpa_d=3, tpa_top_k=5, tpa_proposal=proposal, iva_layer=1,
+                             iva_max_positions=6, iva_top_k=4)
+    pad = processor.tokenizer.pad_token_id
+    out = TeacherSignals(model, settings, pad, chunk_size=7)(collate(samples, pad))
+    for s, sig in zip(samples, out):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=s.input_ids[None], pixel_values=s.pixel_values)
+                                    .logits[0].double(), -1)
+        resp = s.resp_positions
+        assert sig.resp_positions.tolist() == resp.tolist()
+        rv, ri = ref[resp].topk(8, -1)
+        assert torch.equal(torch.from_numpy(sig.topk_ids).long(), ri)
+        assert torch.allclose(torch.from_numpy(sig.topk_logprobs).double(), rv, atol=1e-4)
+        # TPA: every step gets 3 candidates other than the ground truth, with their teacher log-probs
+        assert sig.tpa_rows.tolist() == list(range(len(resp)))
+        for r, cands, cand_lp, tids, tlps in zip(sig.tpa_rows, sig.tpa_cand_ids, sig.tpa_cand_logprobs,
+                                                 sig.tpa_topk_ids, sig.tpa_topk_logprobs):
+            t = int(resp[r])
+            assert int(s.input_ids[t + 1]) not in cands.tolist()
+            if proposal == "top":
+                others = [i for i in ri[r].tolist() if i != int(s.input_ids[t + 1])][:3]
+                assert cands.tolist() == others
+            assert torch.allclose(torch.from_numpy(cand_lp).double(), ref[t, torch.from_numpy(cands).long()], atol=1e-4)
+            for a, ids_a, lps_a in zip(cands.tolist(), tids, tlps):  # separate forward of (y_<=t, a)
+                seq = torch.cat([s.input_ids[: t + 1], torch.tensor([a])])[None]
+                with torch.no_grad():
+                    row = torch.log_softmax(model(input_ids=seq, pixel_values=s.pixel_values).logits[0, -1].double(), -1)
+                v, i = row.topk(5)
+                assert ids_a.tolist() == i.tolist()
+                assert torch.allclose(torch.from_numpy(lps_a).double(), v, atol=1e-4)
+        # IVA rows: top-k_v at the most salient vision positions
+        assert sig.saliency.shape == (s.n_v,) and abs(sig.saliency.sum() - 1) < 1e-5
+        order = torch.from_numpy(sig.saliency).topk(6).indices
+        assert sig.iva_positions.tolist() == order.tolist()
+        v, i = ref[s.vision_start + order].topk(4, -1)
+        assert torch.equal(torch.from_numpy(sig.iva_topk_ids).long(), i)
+        assert torch.allclose(torch.from_numpy(sig.iva_topk_logprobs).double(), v, atol=1e-4)
+
+
+def test_saliency_equals_eager_attentions(setup):
+    model, processor, samples = setup
+    settings = CacheSettings(top_k=4, tpa_d=0, iva_layer=1, iva_max_positions=4, iva_top_k=2)
+    pad = processor.tokenizer.pad_token_id
+    out = TeacherSignals(model, settings, pad)(collate(samples, pad))
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        queries, keys = probe_targets(tuple(samples), samples[0].n_v)
+        for s, sig, q, k in zip(samples, out, queries, keys):
+            with torch.no_grad():
+                att = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, output_attentions=True).attentions[1]
+            alpha = att[0].double().mean(0)[q][:, k].mean(0)
+            alpha = alpha / alpha.sum()
+            assert torch.allclose(torch.from_numpy(sig.saliency).double(), alpha, atol=1e-5)
+            assert sig.tpa_cand_ids.shape == (0, 0)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
