@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from alignti.data.batching import collate, length_grouped
+from alignti.data.batching import Batch, collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
@@ -61,6 +61,9 @@ class ExtractConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete an existing cache first"})
     seed: int = field(default=0, metadata={"help": "seed for --tpa-proposal sample"})
     chunk_size: int = field(default=256, metadata={"help": "rows per LM-head chunk (memory bound)"})
+    backend: str = field(default="hf", metadata={
+        "help": "hf (every signal) | vllm (response top-k only; needs --tpa-d 0 --iva-layer none; untested in CI)",
+        "choices": ("hf", "vllm")})
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -74,6 +77,8 @@ class ExtractConfig:
         if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
             raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
         parse_worker(self.worker)
+        if self.backend == "vllm" and (self.tpa_d or self.iva_layer != "none"):
+            raise AlignTIError("--backend vllm writes the KD signal only: pass --tpa-d 0 --iva-layer none")
 
 
 def parse_worker(spec: str | None) -> tuple[int | None, int | None]:
@@ -139,7 +144,16 @@ def run_extract(cfg: ExtractConfig) -> dict:
         "teacher": str(Path(cfg.teacher).resolve())})
     writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
                               overwrite=cfg.overwrite, part_size=cfg.part_size)
-    teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
+    if cfg.backend == "vllm":
+        from alignti.extract.vllm_backend import VllmTopK
+
+        del model  # vLLM loads its own copy of the weights
+        vllm = VllmTopK(cfg.teacher, settings, max_model_len=cfg.max_length)
+
+        def teacher(batch: Batch) -> list:
+            return vllm(batch, cfg.image_root)
+    else:
+        teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:
         committed, rejected = writer.committed_ids(), writer.rejected_source_ids()

@@ -1,0 +1,133 @@
+"""`alignti extract` end to end: rejects, kill + resume, workers, CLI errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.errors import AlignTIError
+from alignti.extract.run import ExtractConfig, run_extract
+from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.tokenizer import train_tokenizer
+from alignti.storage.reader import CacheReader
+from alignti.storage.schema import LOGPROB_STEP
+
+CLI = [sys.executable, "-c", "from alignti.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    shapes = root / "shapes"
+    run_shapes(ShapesConfig(out=str(shapes), n=40, seed=1))
+    rows = json.loads((shapes / "train.json").read_text())
+    texts = [t["value"] for r in rows for t in r["conversations"]]
+    model, processor = build_tiny_llava(TinySpec(layers=3), train_tokenizer(texts, vocab_size=200))
+    teacher = save_model_dir(model, processor, root / "teacher")
+    (shapes / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    q = lambda img, convs: {"id": f"bad-{len(bad)}", "image": img,  # noqa: E731
+                            "conversations": [{"from": f, "value": v} for f, v in convs]}
+    bad = []
+    bad.append(q("images/none.png", [("human", "<image>\nq"), ("gpt", "a")]))
+    bad.append(q("bad.png", [("human", "<image>\nq"), ("gpt", "a")]))
+    bad.append(q("../../etc/passwd", [("human", "<image>\nq"), ("gpt", "a")]))
+    bad.append(q(rows[0]["image"], [("human", "<image>\nq")]))
+    bad.append(q(rows[0]["image"], [("human", "q"), ("gpt", "a")]))
+    bad.append(q(rows[0]["image"], [("human", "<image>\n" + "red " * 200), ("gpt", "a")]))
+    lines = [json.dumps(r) for r in rows + bad]
+    lines.insert(3, "{not json")
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return root, teacher, shapes
+
+
+def cfg(world, out, **kw):
+    root, teacher, shapes = world
+    base = dict(teacher=str(teacher), data=str(root / "corpus.jsonl"), image_root=str(shapes), out=str(out),
+                top_k=8, tpa_d=2, tpa_top_k=4, iva_max_positions=4, iva_top_k=4, irs_samples=8, batch_size=4,
+                max_length=160, part_size=6)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def cache_content(path):
+    r = CacheReader.open(str(path))
+    return {s.sample_id: s for s in r.get_batch(list(range(len(r))))}
+
+
+def assert_same_content(a, b):
+    assert set(a) == set(b)
+    for sid, x in a.items():
+        y = b[sid]
+        for name in ("topk_ids", "tpa_cand_ids", "tpa_topk_ids", "iva_positions", "iva_topk_ids", "text_ids"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=f"{sid} {name}")
+        for name in ("topk_logprobs", "tpa_cand_logprobs", "tpa_topk_logprobs", "iva_topk_logprobs"):
+            np.testing.assert_allclose(getattr(x, name), getattr(y, name), atol=1.01 * LOGPROB_STEP)
+        np.testing.assert_allclose(x.saliency, y.saliency, atol=1e-3)
+
+
+def test_full_run_records_every_reject_kind(world, tmp_path):
+    summary = run_extract(cfg(world, tmp_path / "c"))
+    assert summary["rejects"] == {"missing_image": 1, "corrupt_image": 1, "path_outside_root": 1,
+                                  "no_assistant_turn": 1, "image_token_mismatch": 1, "too_long": 1,
+                                  "malformed_row": 1}
+    n_train = len(json.loads((world[2] / "train.json").read_text()))
+    assert summary["cache_samples"] == summary["samples_written"] == n_train
+    r = CacheReader.open(str(tmp_path / "c"))
+    s = r.manifest.settings
+    assert s.iva_layer is not None and len(s.irs_scores) == 3 and s.iva_layer == int(np.argmax(s.irs_scores))
+    assert len(r.rejects()) == 7
+    # a second run without --resume/--overwrite refuses, touching nothing
+    with pytest.raises(AlignTIError):
+        run_extract(cfg(world, tmp_path / "c"))
+
+
+def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
+    ref = tmp_path / "ref"
+    run_extract(cfg(world, ref, iva_layer="1"))
+    out = tmp_path / "killed"
+    c = cfg(world, out, iva_layer="1", part_size=4, batch_size=2)
+    args = ["extract", "--teacher", c.teacher, "--data", c.data, "--image-root", c.image_root, "--out", str(out),
+            "--top-k", "8", "--tpa-d", "2", "--tpa-top-k", "4", "--iva-max-positions", "4", "--iva-top-k", "4",
+            "--iva-layer", "1", "--batch-size", "2", "--max-length", "160", "--part-size", "4"]
+    for kills in range(2):
+        proc = subprocess.Popen(CLI + args + (["--resume"] if kills else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        parts = out / "parts"
+        deadline = time.time() + 120
+        start = len(list(parts.glob("0-*"))) if parts.exists() else 0
+        while time.time() < deadline and proc.poll() is None:
+            if parts.exists() and len([p for p in parts.glob("0-*")]) >= start + 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(CLI + args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_content(cache_content(ref), cache_content(out))
+
+
+def test_two_workers_equal_one(world, tmp_path):
+    one = tmp_path / "one"
+    run_extract(cfg(world, one, iva_layer="1"))
+    two = tmp_path / "two"
+    run_extract(cfg(world, two, iva_layer="1", worker="0/2"))
+    run_extract(cfg(world, two, iva_layer="1", worker="1/2"))
+    assert_same_content(cache_content(one), cache_content(two))
+
+
+def test_cli_errors_are_one_line_exit_2(world, tmp_path):
+    root, teacher, shapes = world
+    res = subprocess.run(CLI + ["extract", "--teacher", str(tmp_path / "nope"), "--data", str(root / "corpus.jsonl"),
+                                "--image-root", str(shapes), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "config.json" in res.stderr
+    res = subprocess.run(CLI + ["extract", "--teacher", str(teacher), "--data", str(root / "corpus.jsonl"),
+                                "--image-root", str(shapes), "--out", str(tmp_path / "x"), "--worker", "3/2"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--worker" in res.stderr
