@@ -171,6 +171,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                     yield enc
 
         bar = tqdm(desc=f"extract w{worker}/{num_workers}", unit="sample", dynamic_ncols=True)
+        loop_start = time.time()
         for group in length_grouped(samples(), cfg.batch_size):
             t0 = time.time()
             signals = teacher(collate(group, pad_id))
@@ -182,6 +183,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             bar.update(len(group))
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:.0f}", rejects=sum(stats["rejects"].values()))
         bar.close()
+    stats["loop_seconds"] = time.time() - loop_start  # encode + teacher + writes, no model load or IRS
     return _summary(cfg, stats, worker, num_workers, iva_layer, time.time() - start)
 
 
@@ -200,5 +202,6 @@ def _summary(cfg: ExtractConfig, stats: dict, worker: int, num_workers: int, iva
         "bytes_per_response_token": round(total / n_tok, 1),
         "bytes_per_response_token_by_signal": {k: round(v / n_tok, 1) for k, v in per_signal.items()},
         "iva_layer": iva_layer, "tokens": stats["tokens"], "teacher_seconds": round(stats["teacher_seconds"], 3),
+        "loop_seconds": round(stats["loop_seconds"], 3),
         "wall_seconds": round(wall, 3), "samples_per_second": round(stats["written"] / max(wall, 1e-9), 2),
     }
