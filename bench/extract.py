@@ -1,6 +1,6 @@
 """Extraction cost: probe overhead and extract wall time vs the bare teacher forwards it needs.
 
-    python bench/extract.py [--hidden 512 --layers 6 --n 96 --out bench/results/extract.json]
+    python bench/extract.py [--hidden 1024 --layers 8 --n 96 --out bench/results/extract.json]
 
 Builds a CPU-compute-bound tiny teacher (random weights) on the shapes corpus and reports, in
 one run:
@@ -106,8 +106,8 @@ def probe_ratio(model, group: list[EncodedSample], pad_id: int, layer: int, repe
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)

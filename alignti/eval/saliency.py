@@ -1,0 +1,99 @@
+"""Teacher saliency on held-out images: how much of it lands on the asked-about object, and pictures.
+
+The saliency is the IVA weight vector alpha_{l*}(x) over the n_v vision tokens (a square grid
+of patches, row-major, as SigLIP emits them). `box_mass` measures the share of it inside an
+object's box; `overlay` draws it over the image with the question printed on the picture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from alignti.data.batching import collate, length_grouped
+from alignti.data.corpus import CorpusRow, read_corpus
+from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.extract.teacher import TeacherSignals
+from alignti.storage.schema import CacheSettings
+
+
+@dataclass(frozen=True)
+class SaliencyItem:
+    """One held-out sample with the teacher's saliency and the queried object's box."""
+
+    sample: EncodedSample
+    saliency: np.ndarray  # float32 [n_v], sums to 1
+    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 in original image pixels
+    image_size: tuple[int, int]  # original (width, height)
+    question: str
+    answer: str
+
+
+def patch_overlap(grid: int, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    """float64 [grid*grid]: fraction of each patch's area inside `box` (the image is resized to the grid)."""
+    w, h = size
+    x0, y0, x1, y1 = box[0] / w * grid, box[1] / h * grid, box[2] / w * grid, box[3] / h * grid
+    edges = np.arange(grid + 1, dtype=np.float64)
+    ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, 1)  # [grid] columns
+    oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, 1)  # [grid] rows
+    return np.outer(oy, ox).reshape(-1)
+
+
+def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float]:
+    """(saliency mass inside the box, the box's share of the image area)."""
+    grid = int(round(math.sqrt(saliency.shape[0])))
+    frac = patch_overlap(grid, size, box)
+    w, h = size
+    share = (box[2] - box[0]) * (box[3] - box[1]) / (w * h)
+    return float((saliency.astype(np.float64) * frac).sum()), float(share)
+
+
+def teacher_saliency(model, processor, data: str, image_root: str, layer: int, limit: int,
+                     batch_size: int = 16) -> list[SaliencyItem]:
+    """Saliency at `layer` for the first `limit` image samples of a corpus (via the extraction code)."""
+    encoder = SampleEncoder(processor, image_root, 4096)
+    rows: dict[str, CorpusRow] = {}
+    samples = []
+    for row in read_corpus(data):
+        if len(samples) >= limit:
+            break
+        enc = encoder.encode(row) if isinstance(row, CorpusRow) and row.image else None
+        if isinstance(enc, EncodedSample):
+            samples.append(enc)
+            rows[enc.sample_id] = row
+    settings = CacheSettings(top_k=1, tpa_d=0, iva_layer=layer, iva_max_positions=1, iva_top_k=1)
+    teacher = TeacherSignals(model, settings, processor.tokenizer.pad_token_id)
+    items = []
+    for group in length_grouped(samples, batch_size):
+        for s, sig in zip(group, teacher(collate(group, processor.tokenizer.pad_token_id))):
+            row = rows[s.sample_id]
+            with Image.open(f"{image_root}/{row.image}") as im:
+                size = im.size
+            box = row.extra.get("target_box")
+            items.append(SaliencyItem(s, sig.saliency, tuple(box) if box else None, size,
+                                      row.turns[0][1].replace("<image>", "").strip(), row.turns[1][1]))
+    return items
+
+
+def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Image:
+    """The image upscaled, saliency as a red heat overlay, the box outlined, question and answer printed."""
+    grid = int(round(math.sqrt(item.saliency.shape[0])))
+    base = image.convert("RGB").resize((side, side), Image.NEAREST)
+    heat = item.saliency.reshape(grid, grid)
+    heat = (255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
+    alpha = Image.fromarray(heat, mode="L").resize((side, side), Image.NEAREST)
+    red = Image.new("RGB", (side, side), (255, 40, 40))
+    pic = Image.composite(red, base, alpha.point(lambda v: int(v * 0.7)))
+    canvas = Image.new("RGB", (side, side + 36), "white")
+    canvas.paste(pic, (0, 36))
+    draw = ImageDraw.Draw(canvas)
+    if item.box:
+        sx, sy = side / item.image_size[0], side / item.image_size[1]
+        x0, y0, x1, y1 = item.box
+        draw.rectangle([x0 * sx, 36 + y0 * sy, x1 * sx - 1, 36 + y1 * sy - 1], outline=(0, 255, 255), width=2)
+    draw.text((4, 2), item.question[:48], fill="black")
+    draw.text((4, 18), f"answer: {item.answer}", fill="black")
+    return canvas

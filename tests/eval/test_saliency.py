@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignti.eval.saliency import SaliencyItem, box_mass, overlay, patch_overlap
+
+
+def test_box_mass_whole_and_partial_patches():
+    sal = np.array([0.7, 0.1, 0.1, 0.1], dtype=np.float32)  # 2x2 grid, row-major
+    assert box_mass(sal, (64, 64), (0, 0, 32, 32)) == pytest.approx((0.7, 0.25))
+    # box covers the right half of patch (0,0) and the left half of patch (0,1): 0.5*0.7 + 0.5*0.1
+    assert box_mass(sal, (64, 64), (16, 0, 48, 32)) == pytest.approx((0.4, 0.25))
+    # non-square image: coordinates scale per axis
+    assert patch_overlap(2, (128, 64), (0, 32, 64, 64)).tolist() == [0, 0, 1, 0]
+
+
+def test_overlay_draws_picture(tmp_path):
+    sal = np.zeros(16, dtype=np.float32)
+    sal[5] = 1
+    item = SaliencyItem(sample=None, saliency=sal, box=(16, 16, 32, 32), image_size=(64, 64),
+                        question="What colour is the circle?", answer="red")
+    pic = overlay(Image.new("RGB", (64, 64), (20, 20, 20)), item, side=128)
+    assert pic.size == (128, 164)
+    arr = np.asarray(pic)
+    # the salient patch (row 1, col 1 of 4x4 -> pixels 32..64 of 128) is reddened
+    assert arr[36 + 48, 48, 0] > 150 and arr[36 + 110, 110, 0] < 60
