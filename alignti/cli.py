@@ -14,6 +14,7 @@ import click
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.errors import AlignTIError
+from alignti.eval.run import EvalConfig, run_eval
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
@@ -56,6 +57,13 @@ def irs(cfg: IrsConfig) -> None:
 def extract(cfg: ExtractConfig) -> None:
     """Run the teacher once over a corpus and cache every Align-TI signal."""
     click.echo(json.dumps(run_extract(cfg), indent=2))
+
+
+@cli.command("eval")
+@from_dataclass(EvalConfig)
+def eval_(cfg: EvalConfig) -> None:
+    """Answer a benchmark with a model (resumable) and score it, or compare runs with --report DIR..."""
+    run_eval(cfg)
 
 
 def main() -> None:

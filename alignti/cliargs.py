@@ -35,6 +35,8 @@ def _param(f: dataclasses.Field, tp: Any) -> Callable:
     if "choices" in meta:
         ctype: Any = click.Choice(list(meta["choices"]))
     elif base is list or typing.get_origin(base) in (list, tuple):
+        if meta.get("argument"):
+            return click.argument(f.name, nargs=-1)
         return click.option(f"--{name}", f.name, multiple=True, default=default or (), help=meta.get("help"))
     else:
         ctype = {int: int, float: float, str: str}.get(base, str)

@@ -1,0 +1,148 @@
+"""`alignti eval`: answer a benchmark with a model (resumable), score it, write `OUT/scores.json`.
+
+Three modes, one command:
+- with `--model`: answer the questions not yet in the answers file, then score;
+- without `--model`: score an existing answers file (no model is loaded);
+- with `--report DIR...`: compare the `scores.json` of several runs in one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignti.errors import AlignTIError
+from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers, load_questions
+from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
+from alignti.eval.report import build_report, scores_table
+from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
+from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`alignti eval` options."""
+
+    out: str = field(metadata={"help": "output directory (answers.jsonl, scores.json; report.md/json for --report)"})
+    benchmark: str | None = field(default=None, metadata={
+        "help": "benchmark (see docs/eval.md for its files)", "choices": BENCHMARKS})
+    questions: str | None = field(default=None, metadata={"help": "the benchmark's question file (LLaVA format)"})
+    model: str | None = field(default=None, metadata={
+        "help": "model directory; without it, only score an existing answers file"})
+    annotations: str | None = field(default=None, metadata={
+        "help": "ground-truth file or folder when not in LLaVA's layout next to --questions"})
+    image_root: str | None = field(default=None, metadata={"help": "folder the question images are relative to"})
+    answers: str | None = field(default=None, metadata={
+        "help": "answers JSONL (default OUT/answers.jsonl); a rerun skips the questions it already answers"})
+    scoring: str = field(default="llava", metadata={
+        "help": "llava: LLaVA's original scripts; lmms-eval: lmms-eval's rules", "choices": SCORING_MODES})
+    batch_size: int = field(default=8, metadata={"help": "questions per generate call"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "generated-token cap (default per benchmark: 32 for textvqa, 16 otherwise)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N questions (answered and scored)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model directory's own code"})
+    report: bool = field(default=False, metadata={
+        "help": "compare the scores.json of the DIRS given as arguments in one table (other options ignored)"})
+    dirs: list[str] = field(default_factory=list, metadata={"argument": True, "help": "score directories for --report"})
+
+    def __post_init__(self) -> None:
+        if self.report:
+            if not self.dirs:
+                raise AlignTIError("--report needs one or more score directories: alignti eval --report DIR... --out OUT")
+            return
+        if self.benchmark is None or self.questions is None:
+            raise AlignTIError("--benchmark and --questions are required (or --report DIR... to compare runs)")
+        if self.benchmark not in BENCHMARKS:
+            raise AlignTIError(f"unknown benchmark {self.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        if self.scoring not in SCORING_MODES:
+            raise AlignTIError(f"unknown scoring {self.scoring!r}; choose one of {', '.join(SCORING_MODES)}")
+        if self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise AlignTIError("--batch-size and --max-new-tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise AlignTIError("--limit must be >= 1")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise AlignTIError(f"unknown dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise AlignTIError(f"--image-root {self.image_root!r} is not a directory")
+        if self.model is None and not self.answers_path.is_file():
+            raise AlignTIError(f"no --model and no answers file at {str(self.answers_path)!r}: "
+                               "give --model to answer, or --answers FILE to score")
+
+    @property
+    def answers_path(self) -> Path:
+        return Path(self.answers) if self.answers else Path(self.out) / "answers.jsonl"
+
+
+def model_id_of(model: str) -> str:
+    """The model's name as LLaVA writes it: the directory name (with its parent for checkpoint-N)."""
+    path = Path(model).resolve()
+    return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
+
+
+def check_answers_owner(records: list[dict], benchmark: str, model_id: str, path: Path) -> None:
+    """Resuming must not mix two models' (or two benchmarks') answers in one file."""
+    for rec in records:
+        if rec.get("model_id") != model_id:
+            raise AlignTIError(f"answers file {str(path)!r} holds answers of model {rec.get('model_id')!r}, "
+                               f"not {model_id!r}; pass another --answers or --out")
+        if rec.get("benchmark", benchmark) != benchmark:
+            raise AlignTIError(f"answers file {str(path)!r} holds {rec.get('benchmark')!r} answers, not {benchmark!r}")
+
+
+def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
+    """Answer the questions the answers file lacks; loads the model only if there are some."""
+    path, model_id = cfg.answers_path, model_id_of(cfg.model)
+    existing = load_answers(path) if path.is_file() else []
+    check_answers_owner(existing, cfg.benchmark, model_id, path)
+    done = match_answers(questions, existing)
+    todo = [q for q in questions if q.key not in done]
+    if not todo:
+        return 0
+    if cfg.image_root is None and any(has_image(q) and not q.image_b64 for q in todo):
+        raise AlignTIError(f"{cfg.benchmark} questions have images: pass --image-root")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    gen = make_generator(model, processor, cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.benchmark])
+    return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
+    if cfg.report:
+        return build_report(cfg.dirs, cfg.out)
+    start = time.time()
+    questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
+    questions = questions[:cfg.limit] if cfg.limit else questions
+    generated = generate_missing(cfg, questions) if cfg.model else 0
+    if cfg.model and any(q.answer is None for q in questions):
+        # MMBench's test TSV has no answers: the answers file is the product (for its server).
+        print(f"answers written to {cfg.answers_path}; this {cfg.benchmark} file has no ground truth, "
+              "so nothing is scored (MMBench test: submit the answers to its evaluation server)")
+        return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
+                "n_questions": len(questions), "generated": generated}
+    answers = load_answers(cfg.answers_path)
+    result = score_benchmark(cfg.benchmark, questions, answers, cfg.scoring)
+    ids = {str(r.get("model_id")) for r in answers if r.get("model_id") is not None}
+    model_id = model_id_of(cfg.model) if cfg.model else (ids.pop() if len(ids) == 1 else None)
+    result.update({
+        "model_id": model_id, "model": str(Path(cfg.model).resolve()) if cfg.model else None,
+        "questions_file": str(Path(cfg.questions).resolve()), "answers_file": str(cfg.answers_path.resolve()),
+        "limit": cfg.limit, "generated": generated, "seconds": round(time.time() - start, 3),
+    })
+    write_json(Path(cfg.out) / "scores.json", result)
+    print(scores_table(result))
+    return result
