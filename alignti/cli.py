@@ -18,6 +18,7 @@ from alignti.eval.run import EvalConfig, run_eval
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
+from alignti.storage.inspect import InspectConfig, run_inspect
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,6 +65,13 @@ def extract(cfg: ExtractConfig) -> None:
 def eval_(cfg: EvalConfig) -> None:
     """Answer a benchmark with a model (resumable) and score it, or compare runs with --report DIR..."""
     run_eval(cfg)
+
+
+@cli.command()
+@from_dataclass(InspectConfig)
+def inspect(cfg: InspectConfig) -> None:
+    """Cache statistics: samples, rejects, bytes per signal and per response token, retained mass, IRS."""
+    run_inspect(cfg)
 
 
 def main() -> None:

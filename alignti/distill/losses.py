@@ -8,6 +8,7 @@ score returns `(0, 0)` with a zero, NaN-free gradient.
 
 Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 - `sft_loss`:  cross-entropy over labelled targets (count: labelled targets).
+- `sft_rows_loss`: the same on pre-gathered rows (count: rows).
 - `kd_loss`:   top-k KL at response rows (count: rows).
 - `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
 - `iva_attention_loss`: KL(teacher saliency || student attention) (count: samples).
@@ -66,6 +67,21 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 10
     total = chunked_row_sum(_ce_rows, logits.reshape(b * t, v), (targets[rows],), row_index=rows,
                             chunk_size=chunk_size)
     return total, _count(rows.numel(), logits)
+
+
+def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> SumCount:
+    """Summed cross-entropy of pre-selected rows, and their number (the distill step's L_sft).
+
+    logits_rows: [N, V] any float dtype, the logits of the positions whose next token is
+    labelled (already gathered, e.g. only the response rows of a ribbon); targets: [N] int, the
+    labelled next tokens. Chunked, upcast to fp32 and recomputed in backward like `sft_loss`;
+    no host sync. N = 0 -> (0, 0) with a zero, NaN-free gradient.
+    """
+    if logits_rows.dim() != 2 or targets.shape != logits_rows.shape[:1]:
+        raise AlignTIError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
+                           f"{tuple(targets.shape)} disagree")
+    total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), chunk_size=chunk_size)
+    return total, _count(targets.shape[0], logits_rows)
 
 
 def kd_loss(

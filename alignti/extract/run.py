@@ -70,8 +70,8 @@ class ExtractConfig:
             raise AlignTIError("--resume and --overwrite are mutually exclusive")
         if self.top_k < 1 or self.tpa_top_k < 1 or self.iva_top_k < 1 or self.tpa_d < 0:
             raise AlignTIError("top-k values must be >= 1 and --tpa-d >= 0")
-        if self.tpa_proposal == "top" and self.tpa_d >= self.top_k:
-            raise AlignTIError("--tpa-proposal top needs --tpa-d < --top-k")
+        if self.tpa_proposal == "top" and self.tpa_d + 2 > self.top_k:
+            raise AlignTIError("--tpa-proposal top needs --tpa-d <= --top-k - 2")
         if self.iva_layer not in ("auto", "none") and not self.iva_layer.lstrip("-").isdigit():
             raise AlignTIError(f"--iva-layer must be auto, none or an integer, got {self.iva_layer!r}")
         if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:

@@ -37,20 +37,24 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def propose_top(topk_ids: torch.Tensor, targets: torch.Tensor, d: int) -> torch.Tensor:
-    """The teacher's d most likely tokens other than the ground truth.
+def propose_top(topk_ids: torch.Tensor, targets: torch.Tensor, d: int, exclude: int | None = None) -> torch.Tensor:
+    """The teacher's d most likely tokens other than the ground truth (and `exclude`, the image
+    token: a candidate image token would break the vision-token run).
 
-    topk_ids: [N, k] (k >= d + 1), targets: [N] ground-truth next tokens -> [N, d].
+    topk_ids: [N, k] (k >= d + 2), targets: [N] ground-truth next tokens -> [N, d].
     """
     keep = topk_ids != targets[:, None]  # [N, k]; at most one False per row
+    if exclude is not None:
+        keep &= topk_ids != exclude
     # Stable order: rank among kept entries; the first d kept entries are the proposals.
     rank = torch.cumsum(keep.long(), dim=-1)
     chosen = keep & (rank <= d)
     return topk_ids[chosen].view(-1, d)
 
 
-def propose_sample(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, d: int, seed: int) -> torch.Tensor:
-    """d draws without replacement from p_T excluding the ground truth (Gumbel top-d), seeded.
+def propose_sample(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, d: int, seed: int,
+                   exclude: int | None = None) -> torch.Tensor:
+    """d draws without replacement from p_T excluding the ground truth and `exclude` (Gumbel top-d), seeded.
 
     hidden: [N, H] rows of ONE sample, targets: [N] -> [N, d] candidate ids. The Gumbel noise is
     drawn on the CPU from a generator seeded per sample, so results are device-independent.
@@ -64,6 +68,8 @@ def propose_sample(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tens
         gumbel = (-torch.log(-torch.log(u))).to(device=logp.device, dtype=torch.float32)
         scores = logp + gumbel
         scores[targets[i]] = float("-inf")
+        if exclude is not None:
+            scores[exclude] = float("-inf")
         out[i] = scores.topk(d).indices
     return out
 

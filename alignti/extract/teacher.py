@@ -89,10 +89,10 @@ class TeacherSignals:
             target_lp = gather_logprobs(hidden[resp], self.lm_head, targets[:, None], self.chunk_size)[:, 0]
             rows = choose_tpa_steps(target_lp, st.tpa_max_positions)
             if st.tpa_proposal == "top":
-                cands = propose_top(ids[rows], targets[rows], st.tpa_d)
+                cands = propose_top(ids[rows], targets[rows], st.tpa_d, self.image_token_id)
             else:
                 cands = propose_sample(hidden[resp[rows]], self.lm_head, targets[rows], st.tpa_d,
-                                       sample_seed(st.seed, s.sample_id))
+                                       sample_seed(st.seed, s.sample_id), self.image_token_id)
             out.update(tpa_rows=rows, cands=cands,
                        cand_lps=gather_logprobs(hidden[resp[rows]], self.lm_head, cands, self.chunk_size))
         if saliency is not None and s.n_v:

@@ -1,1 +1,11 @@
-"""alignti.storage"""
+"""alignti.storage: the teacher-signal cache (format: docs/cache-format.md).
+
+schema      names, dtypes, shapes, SampleSignals / SignalBatch / CacheSettings / CacheManifest
+writer      CacheWriter: per-worker, crash-safe parts; resume; rejects
+reader      CacheReader: validated batched random access (path or fsspec URL)
+inspect     InspectConfig / run_inspect (`alignti inspect`), stats: the numbers behind it
+encoding    log-prob quantisation; packing: ragged samples <-> flat part arrays
+arrays      Zarr v3 writing; shards: direct batched shard decoding
+catalog     discovering and validating parts; parts: part.json, fsync, locks; lifecycle: cache.json
+validation  checks on samples before writing; synthetic: realistic fake signals for tests/bench
+"""

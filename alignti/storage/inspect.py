@@ -12,7 +12,7 @@ from alignti.storage.stats import cache_stats
 
 @dataclass(frozen=True)
 class InspectConfig:
-    cache: str = field(metadata={"help": "Cache directory or fsspec URL (file://, s3://, ...)."})
+    cache: str = field(metadata={"help": "Cache directory or fsspec URL (file://, s3://, ...).", "argument": True})
     json: bool = field(default=False, metadata={"help": "Print one JSON object instead of a table."})
     verify: bool = field(default=False, metadata={"help": "Also check the sha256 of every file (reads it all)."})
     mass_samples: int = field(default=256, metadata={"help": "Samples read to estimate the retained top-k mass."})

@@ -100,7 +100,10 @@ def _accept_sibling(existing: CacheManifest, ours: CacheManifest, root: Path, nu
 def _wait_for_manifest(root: Path, ours: CacheManifest) -> None:
     deadline = time.time() + SIBLING_WAIT_S
     while time.time() < deadline:
-        existing = load_existing(root)
+        try:
+            existing = load_existing(root)
+        except AlignTIError:  # the old cache.json, not yet replaced by worker 0
+            existing = None
         if existing is not None and existing.created_at >= PROCESS_START - SIBLING_GRACE_S \
                 and not manifest_differences(existing, ours):
             return
@@ -127,8 +130,7 @@ def prepare_root(root: Path, manifest: CacheManifest, *, worker: int, num_worker
     if resume and overwrite:
         raise AlignTIError("resume and overwrite are mutually exclusive")
     check_root_is_ours(root)
-    existing = load_existing(root)
-    if overwrite:
+    if overwrite:  # the old cache.json is not even parsed: it may be of another schema version
         if worker == 0:
             remove_parts(root, keep=lambda w: 0 < w < num_workers)
             _create_manifest(root, manifest, replace=True)
@@ -136,6 +138,7 @@ def prepare_root(root: Path, manifest: CacheManifest, *, worker: int, num_worker
             remove_parts(root, keep=lambda w: w != worker)
             _wait_for_manifest(root, manifest)
         return
+    existing = load_existing(root)
     if existing is None and _create_manifest(root, manifest, replace=False):
         return
     existing = existing or load_existing(root)

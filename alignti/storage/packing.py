@@ -95,8 +95,8 @@ def unpack(meta: dict[str, list], arrays: dict[str, np.ndarray]) -> list[SampleS
         out.append(SampleSignals(
             sample_id=meta["sample_id"][i], source_id=meta["source_id"][i], image_path=meta["image_path"][i],
             image_sha256=meta["image_sha256"][i],
-            text_ids=np.asarray(meta["text_ids"][i], dtype=np.int32),
-            label_spans=np.asarray(meta["label_spans"][i], dtype=np.int32).reshape(-1, 2),
+            text_ids=np.array(meta["text_ids"][i], dtype=np.int32),  # copies: arrow buffers are read-only
+            label_spans=np.array(meta["label_spans"][i], dtype=np.int32).reshape(-1, 2),
             n_v=int(meta["n_v"][i]), vision_start=int(meta["vision_start"][i]),
             **{name: np.ascontiguousarray(split[name][i]) for name in split}))
     return out

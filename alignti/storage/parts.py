@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,16 +89,24 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _seal_one(p: Path) -> dict[str, Any] | None:
+    fsync_path(p)
+    return None if p.is_dir() else {"size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
 def seal_dir(root: Path) -> dict[str, dict[str, Any]]:
-    """fsync every file and directory under `root`; return {relative path: {size, sha256}}."""
-    files: dict[str, dict[str, Any]] = {}
+    """fsync every file and directory under `root`; return {relative path: {size, sha256}}.
+
+    A part has ~30 files and ~40 directories; fsyncs run in a thread pool (they release the GIL
+    and a disk serves them concurrently), which makes a commit several times faster.
+    """
+    paths: list[Path] = []
     for dirpath, _, names in os.walk(root):
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            fsync_path(p)
-            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        fsync_path(Path(dirpath))
-    return files
+        paths.append(Path(dirpath))
+        paths.extend(Path(dirpath) / n for n in sorted(names))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        infos = list(pool.map(_seal_one, paths))
+    return {p.relative_to(root).as_posix(): info for p, info in zip(paths, infos) if info is not None}
 
 
 def write_json_durable(path: Path, text: str) -> None:

@@ -2,23 +2,22 @@
 
 At open: cache.json (schema version, encoding), every committed part's part.json (manifest
 identity hash) and one listing comparing every file's size with part.json; then the sample_id
-column of each part builds the index. Index i is the i-th smallest sample id, so a cache built
+and offset columns of each part build the in-memory index (~90 B per sample). Index i is the i-th smallest sample id, so a cache built
 in several runs, by any number of workers, indexes (and shuffles) exactly like one built in one
 run. Duplicate sample ids across parts (two workers given the same content) keep the first part.
 
 On the first read from a part in this process, its small files (parquet, zarr metadata) are
-checked against their sha256; shard files carry a CRC32C per chunk that zarr checks on every
-decode. `verify()` checks every file's sha256 (inspect --verify).
+checked against their sha256; shard files carry a CRC32C per chunk (and per shard index) that is
+checked on every decode (storage/shards.py). `verify()` checks every file's sha256.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +41,20 @@ _INDEX_INT_COLUMNS = ["n_v", "vision_start"] + [c for pair in GROUPS.values() fo
 _BATCH_COLUMNS = ["source_id", "image_path", "image_sha256", "text_ids", "label_spans"]
 
 
+def _id_array(ids: list[str]) -> np.ndarray:
+    """Sample ids as a sortable numpy array: bytes (1 B/char) when ASCII, as content hashes are."""
+    if not ids:
+        return np.zeros(0, dtype="S1")
+    try:
+        return np.array(ids, dtype="S")
+    except UnicodeEncodeError:
+        return np.array(ids, dtype=str)
+
+
+def _id_strings(arr: np.ndarray) -> list[str]:
+    return [x.decode() for x in arr.tolist()] if arr.dtype.kind == "S" else arr.tolist()
+
+
 @dataclass
 class _PartHandle:
     arrays: dict[str, ShardRows | ZarrRows]
@@ -54,7 +67,7 @@ class CacheReader:
 
     def __init__(self, loc: CacheLocation, manifest: CacheManifest, parts: list[PartInfo], max_open_parts: int) -> None:
         self.loc, self.manifest, self.parts = loc, manifest, parts
-        self._store = open_store(loc.url)
+        self._store: Any = None  # zarr store, only for arrays the direct shard reader does not handle
         self._handles: OrderedDict[int, _PartHandle] = OrderedDict()
         self._max_open = max_open_parts
         self._build_index()
@@ -70,7 +83,7 @@ class CacheReader:
 
     def __reduce__(self) -> tuple:
         # DataLoader workers started with spawn re-open (and re-validate) instead of pickling handles.
-        return (CacheReader.open, (self.loc.url,))
+        return (_reopen, (self.loc.url, self._max_open))
 
     def _build_index(self) -> None:
         ids: list[str] = []
@@ -83,7 +96,7 @@ class CacheReader:
             row_of.append(np.arange(p.num_samples, dtype=np.int64))
             for c in _INDEX_INT_COLUMNS:
                 ints[c].append(np.asarray(cols[c], dtype=np.int64))
-        all_ids = np.array(ids, dtype=str) if ids else np.zeros(0, dtype="U1")
+        all_ids = _id_array(ids)
         uniq, first = np.unique(all_ids, return_index=True)  # sorted ids, first occurrence in part order
         self.num_duplicates = len(all_ids) - len(uniq)
         self._ids = uniq
@@ -103,7 +116,7 @@ class CacheReader:
     @property
     def sample_ids(self) -> list[str]:
         """All sample ids, ascending (index i <-> sample_ids[i])."""
-        return self._ids.tolist()
+        return _id_strings(self._ids)
 
     @property
     def num_response_tokens(self) -> int:
@@ -115,12 +128,18 @@ class CacheReader:
 
     def index_of(self, sample_ids: Sequence[str]) -> np.ndarray:
         """int64 indices of `sample_ids`; AlignTIError naming the first unknown id."""
-        q = np.asarray(list(sample_ids), dtype=str)
+        wanted = list(sample_ids)
+        try:
+            q = np.array(wanted, dtype=self._ids.dtype.kind) if wanted else self._ids[:0]
+        except UnicodeEncodeError:  # a non-ASCII id cannot be in an ASCII index
+            raise AlignTIError(f"sample id {next(w for w in wanted if not w.isascii())} is not in the cache "
+                               f"{self.loc.url}") from None
         pos = np.searchsorted(self._ids, q)
-        ok = (pos < len(self._ids)) & (self._ids[np.minimum(pos, max(len(self._ids) - 1, 0))] == q) \
-            if len(self._ids) else np.zeros(len(q), bool)
+        ok = np.zeros(len(q), dtype=bool)
+        if len(self._ids):
+            ok = (pos < len(self._ids)) & (self._ids[np.minimum(pos, len(self._ids) - 1)] == q)
         if not ok.all():
-            raise AlignTIError(f"sample id {q[~ok][0]} is not in the cache {self.loc.url}")
+            raise AlignTIError(f"sample id {_id_strings(q[~ok][:1])[0]} is not in the cache {self.loc.url}")
         return pos.astype(np.int64)
 
     # ---- reads -------------------------------------------------------------------------------
@@ -188,13 +207,16 @@ class CacheReader:
         if tuple(meta.get("shape", ())) != want or meta.get("data_type") != spec.stored_dtype \
                 or attrs.get("encoding") != spec.encoding:
             raise AlignTIError(f"part {part.name}: array {name} is {meta.get('data_type')} {meta.get('shape')} "
-                               f"({attrs.get('encoding')}), expected {spec.stored_dtype} {list(want)} ({spec.encoding})")
+                               f"({attrs.get('encoding')}), expected {spec.stored_dtype} {list(want)} "
+                               f"({spec.encoding})")
         rel = shard_file(name, len(want))
         what = f"part {part.name}: {rel}"
         size = part.files.get(rel, {}).get("size")
         fast = ShardRows.maybe(self.loc.fs, self.loc.path(PARTS_DIR, part.name, rel), size, meta, what)
         if fast is not None:
             return fast
+        if self._store is None:
+            self._store = open_store(self.loc.url)
         return ZarrRows(open_zarr_array(self._store, f"{PARTS_DIR}/{part.name}/{SIGNALS_ZARR}/{name}", what), what)
 
     def _read_meta(self, part: PartInfo, h: _PartHandle, rows: np.ndarray) -> dict[str, list]:
@@ -202,9 +224,10 @@ class CacheReader:
         group_of = np.searchsorted(h.group_starts, rows, side="right") - 1
         groups = np.unique(group_of)
         try:
-            with self.loc.open(PARTS_DIR, part.name, SAMPLES_PARQUET) as fh:
-                table = pq.ParquetFile(fh, metadata=h.parquet_meta).read_row_groups(groups.tolist(),
-                                                                                   columns=_BATCH_COLUMNS)
+            with self.loc.open_for_arrow(PARTS_DIR, part.name, SAMPLES_PARQUET) as fh:
+                pf = pq.ParquetFile(fh, metadata=h.parquet_meta, pre_buffer=False)
+                # use_threads=False: a few small row groups; threads only add contention in loader workers
+                table = pf.read_row_groups(groups.tolist(), columns=_BATCH_COLUMNS, use_threads=False)
         except Exception as e:
             raise AlignTIError(f"part {part.name}: {SAMPLES_PARQUET} is unreadable ({type(e).__name__}: {e})") from None
         sizes = h.group_starts[groups + 1] - h.group_starts[groups]
@@ -223,7 +246,7 @@ class CacheReader:
         part = self.parts[pi]
         h = self._handle(pi)
         meta = self._read_meta(part, h, self._row[indices])
-        meta["sample_id"] = self._ids[indices].tolist()
+        meta["sample_id"] = _id_strings(self._ids[indices])
         meta.update({c: v[indices] for c, v in self._ints.items()})
         decoded: dict[str, np.ndarray] = {}
         for spec in ARRAYS:
@@ -267,3 +290,7 @@ class CacheReader:
         for p in self.parts:
             sources.update(read_samples_columns(self.loc, p, ["source_id"])["source_id"])
         return [v for k, (_, v) in sorted(latest.items()) if k not in sources]
+
+
+def _reopen(url: str, max_open_parts: int) -> CacheReader:
+    return CacheReader.open(url, max_open_parts=max_open_parts)

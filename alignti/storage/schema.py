@@ -148,7 +148,9 @@ class CacheManifest:
     """Content of CACHE/cache.json, written once when the cache is created.
 
     Identity (what resume compares and every part records a hash of): schema_version,
-    teacher_fingerprint, settings and encoding. created_by / created_at / extra are informative.
+    teacher_fingerprint, settings (except irs_scores) and encoding. irs_scores, created_by,
+    created_at and extra are informative: IRS may be recomputed on resume with float noise,
+    while the iva_layer it chose is part of the identity.
     """
 
     schema_version: int
@@ -165,8 +167,10 @@ class CacheManifest:
         return cls(SCHEMA_VERSION, dict(teacher_fingerprint), settings, extra=dict(extra or {}))
 
     def identity(self) -> dict[str, Any]:
+        settings = self.settings.to_dict()
+        del settings["irs_scores"]
         return {"schema_version": self.schema_version, "teacher_fingerprint": self.teacher_fingerprint,
-                "settings": self.settings.to_dict(), "encoding": self.encoding}
+                "settings": settings, "encoding": self.encoding}
 
     def identity_hash(self) -> str:
         """sha256 of the canonical JSON of `identity()`; stored in every part.json."""
@@ -175,7 +179,8 @@ class CacheManifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.identity()
-        d.update(created_by=self.created_by, created_at=self.created_at, extra=self.extra)
+        d.update(settings=self.settings.to_dict(), created_by=self.created_by, created_at=self.created_at,
+                 extra=self.extra)
         return d
 
     @classmethod
@@ -190,11 +195,11 @@ class CacheManifest:
         if missing:
             raise AlignTIError(f"{where} is missing {missing}")
         try:
-            settings = CacheSettings.from_dict(d["settings"])
-        except TypeError as e:
-            raise AlignTIError(f"{where} settings are malformed: {e}") from None
-        m = cls(version, dict(d["teacher_fingerprint"]), settings, str(d.get("created_by", "?")),
-                dict(d["encoding"]), float(d.get("created_at", 0.0)), dict(d.get("extra", {})))
+            m = cls(version, dict(d["teacher_fingerprint"]), CacheSettings.from_dict(d["settings"]),
+                    str(d.get("created_by", "?")), dict(d["encoding"]), float(d.get("created_at", 0.0)),
+                    dict(d.get("extra", {})))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise AlignTIError(f"{where} is malformed ({type(e).__name__}: {e})") from None
         check_fingerprint(m.teacher_fingerprint, f"{where} teacher_fingerprint")
         if m.encoding != DEFAULT_ENCODING:
             raise AlignTIError(f"{where} uses encoding {m.encoding}; this alignti reads {DEFAULT_ENCODING}")

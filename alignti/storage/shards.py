@@ -87,19 +87,28 @@ class ShardRows:
         index = self._load_index()
         cr = self.chunk_shape[0]
         chunk_ids = np.unique(rows // cr)
-        present = [c for c in chunk_ids if index[c, 0] != _EMPTY]
-        blobs = self.fs.cat_ranges([self.path] * len(present), [int(index[c, 0]) for c in present],
-                                   [int(index[c, 0] + index[c, 1]) for c in present]) if present else []
-        decoded = dict(zip(present, blobs))
+        present = [int(c) for c in chunk_ids if index[c, 0] != _EMPTY]
+        try:
+            blobs = self.fs.cat_ranges([self.path] * len(present), [int(index[c, 0]) for c in present],
+                                       [int(index[c, 0] + index[c, 1]) for c in present], on_error="raise")
+        except OSError as e:
+            raise AlignTIError(f"{self.what} cannot be read ({type(e).__name__}: {e})") from None
+        fetched = dict(zip(present, blobs))
         out = np.zeros((rows.size,) + row_shape, dtype=self.dtype.newbyteorder("="))
         for c in chunk_ids:
-            sel = np.nonzero(rows // cr == c)[0]
-            if c not in decoded:
+            if int(c) not in fetched:
                 continue  # all-fill chunk (zarr skips writing chunks equal to the fill value 0)
-            raw = blosc.decompress(_check_crc(decoded[c], f"{self.what} (chunk {c})"))
-            chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
-            out[sel] = chunk[rows[sel] - c * cr]
+            sel = np.nonzero(rows // cr == c)[0]
+            out[sel] = self._decode(fetched[int(c)], int(c))[rows[sel] - c * cr]
         return out
+
+    def _decode(self, blob: bytes, c: int) -> np.ndarray:
+        what = f"{self.what} (chunk {c})"
+        payload = _check_crc(blob, what)
+        try:
+            return np.frombuffer(blosc.decompress(payload), dtype=self.dtype).reshape(self.chunk_shape)
+        except (RuntimeError, ValueError) as e:
+            raise AlignTIError(f"{what} is corrupted ({type(e).__name__}: {e})") from None
 
 
 class ZarrRows:

@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from alignti.storage.catalog import part_file_sizes
 from alignti.storage.reader import CacheReader
-from alignti.storage.schema import (
-    CACHE_JSON, PARTS_DIR, REJECTS_PARQUET, SAMPLE_ARRAYS, SIGNALS_ZARR, CacheSettings,
-)
+from alignti.storage.schema import CACHE_JSON, REJECTS_PARQUET, SAMPLE_ARRAYS, SIGNALS_ZARR, CacheSettings
 
 SIGNALS = ("topk", "tpa", "iva_saliency", "iva_topk", "metadata", "rejects")
 
@@ -28,17 +27,12 @@ def _signal_of(rel: str) -> str:
 def signal_bytes(reader: CacheReader) -> tuple[dict[str, int], int]:
     """({signal: bytes over committed parts}, bytes_total incl. part.json files and cache.json)."""
     loc = reader.loc
-    committed = {p.name for p in reader.parts}
     out = Counter({s: 0 for s in SIGNALS})
     total = int(loc.fs.size(loc.path(CACHE_JSON)))
-    if committed:
-        prefix = loc.path(PARTS_DIR) + "/"
-        for path, info in loc.fs.find(loc.path(PARTS_DIR), detail=True).items():
-            rel = path[len(prefix):] if path.startswith(prefix) else path.split(f"/{PARTS_DIR}/", 1)[-1]
-            part, _, inner = rel.partition("/")
-            if part in committed:
-                out[_signal_of(inner)] += int(info["size"])
-                total += int(info["size"])
+    for p in reader.parts:
+        for rel, size in part_file_sizes(loc, p.name).items():
+            out[_signal_of(rel)] += size
+            total += size
     return dict(out), total
 
 

@@ -88,7 +88,8 @@ def synthetic_sample(rng: np.random.Generator, settings: CacheSettings, *, vocab
     return SampleSignals(
         sample_id=sid, source_id=f"src-{sid[:8]}", image_path=f"img/{sid[:6]}.jpg" if n_v else "",
         image_sha256=rng.bytes(32).hex() if n_v else "", text_ids=text_ids,
-        label_spans=np.array([[first_resp, length]] if n_resp else [], dtype=np.int32).reshape(-1, 2), n_v=n_v, vision_start=vision_start,
+        label_spans=np.array([[first_resp, length]] if n_resp else [], dtype=np.int32).reshape(-1, 2),
+        n_v=n_v, vision_start=vision_start,
         resp_positions=resp, topk_ids=topk_ids, topk_logprobs=topk_lp, tpa_rows=tpa_rows,
         tpa_cand_ids=tpa_cand_ids, tpa_cand_logprobs=tpa_cand_lp, tpa_topk_ids=tpa_topk_ids,
         tpa_topk_logprobs=tpa_topk_lp, saliency=sal, iva_positions=pos,

@@ -66,7 +66,7 @@ class CacheWriter:
     """Appends parts `parts/w<worker>-<n>/` to a cache. Create with `CacheWriter.open`."""
 
     def __init__(self, root: Path, manifest: CacheManifest, worker: int, num_workers: int, part_size: int,
-                 lock: WorkerLock, retry_rejects: bool) -> None:
+                 lock: WorkerLock, retry_rejects: bool, scan: bool = True) -> None:
         self.root, self.manifest, self.worker, self.num_workers = root, manifest, worker, num_workers
         self.part_size, self.retry_rejects = part_size, retry_rejects
         self._lock: WorkerLock | None = lock
@@ -82,7 +82,8 @@ class CacheWriter:
         self._committed_sources: set[str] = set()
         self._rejected: set[str] = set()
         self._next_n = 0
-        self._scan_existing()
+        if scan:
+            self._scan_existing()
 
     @classmethod
     def open(cls, path: str | os.PathLike, manifest: CacheManifest, *, worker: int | None = None,
@@ -115,7 +116,9 @@ class CacheWriter:
             lock = WorkerLock(root / PARTS_DIR, worker)
         clean_stale_temps(root / PARTS_DIR, worker)
         try:
-            return cls(root, manifest, worker, num_workers, part_size, lock, retry_rejects)
+            # After an overwrite nothing of ours is left, and sibling workers may still be deleting
+            # their old parts: scanning them would race, and there is nothing to skip anyway.
+            return cls(root, manifest, worker, num_workers, part_size, lock, retry_rejects, scan=not overwrite)
         except BaseException:
             lock.release()
             raise

@@ -34,6 +34,7 @@ def test_propose_top_excludes_target():
     targets = torch.tensor([3, 11])
     out = propose_top(topk, targets, d=3)
     assert out.tolist() == [[5, 9, 1], [2, 4, 6]]
+    assert propose_top(topk, targets, d=3, exclude=9).tolist() == [[5, 1, 7], [2, 4, 6]]
 
 
 def test_propose_sample_seeded_distinct_and_excludes_target():
@@ -47,6 +48,8 @@ def test_propose_sample_seeded_distinct_and_excludes_target():
     assert torch.equal(a, b) and not torch.equal(a, c)
     for row, t in zip(a.tolist(), targets.tolist()):
         assert len(set(row)) == 4 and t not in row
+    ex = propose_sample(hidden, head, targets, d=4, seed=s, exclude=7)
+    assert 7 not in ex.flatten().tolist()
 
 
 def test_propose_sample_follows_teacher_distribution():

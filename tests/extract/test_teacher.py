@@ -50,7 +50,8 @@ def test_signals_equal_brute_force(setup, proposal):
             t = int(resp[r])
             assert int(s.input_ids[t + 1]) not in cands.tolist()
             if proposal == "top":
-                others = [i for i in ri[r].tolist() if i != int(s.input_ids[t + 1])][:3]
+                banned = (int(s.input_ids[t + 1]), model.config.image_token_id)
+                others = [i for i in ri[r].tolist() if i not in banned][:3]
                 assert cands.tolist() == others
             assert torch.allclose(torch.from_numpy(cand_lp).double(), ref[t, torch.from_numpy(cands).long()], atol=1e-4)
             for a, ids_a, lps_a in zip(cands.tolist(), tids, tlps):  # separate forward of (y_<=t, a)

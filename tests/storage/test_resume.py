@@ -10,7 +10,7 @@ from alignti.errors import AlignTIError
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
-from tests.storage.helpers import SETTINGS, assert_same_signals, make_samples, manifest, tree_snapshot
+from tests.storage.helpers import SETTINGS, assert_same_signals, manifest, tree_snapshot
 
 
 def open_w(root, **kw):
@@ -142,9 +142,61 @@ def test_retry_rejects_supersedes(tmp_path, samples):
         assert w.rejected_source_ids() == {"row-2"}
 
 
+def test_irs_scores_are_informative(tmp_path, samples):
+    root = tmp_path / "c"
+    with open_w(root, m=manifest(dataclasses.replace(SETTINGS, iva_layer=2, irs_scores=[0.1, 0.3]))) as w:
+        w.add(samples[0])
+    noisy = manifest(dataclasses.replace(SETTINGS, iva_layer=2, irs_scores=[0.1000001, 0.3]))
+    with open_w(root, m=noisy, resume=True) as w:
+        w.add(samples[1])
+    r = CacheReader.open(str(root))
+    assert len(r) == 2 and r.manifest.settings.irs_scores == [0.1, 0.3]  # cache.json is never rewritten
+    with pytest.raises(AlignTIError, match="iva_layer"):
+        open_w(root, m=manifest(dataclasses.replace(SETTINGS, iva_layer=3, irs_scores=[0.1, 0.3])), resume=True)
+
+
 def test_settings_json_round_trip(tmp_path):
     s = CacheSettings(top_k=8, tpa_max_positions=5, iva_layer=2, irs_scores=[0.1, 0.25], tpa_proposal="sample")
     with open_w(tmp_path / "c", m=manifest(s)):
         pass
     r = CacheReader.open(str(tmp_path / "c"))
     assert r.manifest.settings == s and len(r) == 0 and r.get_batch([]) == []
+
+
+def test_overwrite_replaces_cache_of_another_schema_version(tmp_path, samples):
+    root = tmp_path / "c"
+    with open_w(root) as w:
+        w.add(samples[0])
+    (root / "cache.json").write_text('{"schema_version": 99}')
+    with pytest.raises(AlignTIError, match="schema_version 99"):
+        open_w(root, resume=True)
+    with open_w(root, overwrite=True) as w:
+        w.add(samples[1])
+    assert CacheReader.open(str(root)).sample_ids == [samples[1].sample_id]
+
+
+def test_multi_worker_overwrite(tmp_path, samples):
+    """Old run: 3 workers, other settings. New run: 2 workers with overwrite, worker 1 starting first."""
+    import threading
+
+    root = tmp_path / "c"
+    old = manifest(dataclasses.replace(SETTINGS, seed=1))
+    for k in range(3):
+        with open_w(root, m=old, worker=k, num_workers=3, resume=True) as w:
+            w.add(samples[k])
+    new = manifest()
+    opened: dict[int, CacheWriter] = {}
+
+    def start(k: int) -> None:
+        opened[k] = open_w(root, m=new, worker=k, num_workers=2, overwrite=True)
+
+    t = threading.Thread(target=start, args=(1,))
+    t.start()  # deletes its own old parts, then waits for worker 0's cache.json
+    start(0)
+    t.join(timeout=30)
+    for k, w in opened.items():
+        w.add(samples[10 + k])
+        w.close()
+    r = CacheReader.open(str(root))
+    assert sorted(r.sample_ids) == sorted([samples[10].sample_id, samples[11].sample_id])
+    assert r.manifest.settings == SETTINGS and [p.name for p in r.parts] == ["w0000-000000", "w0001-000000"]

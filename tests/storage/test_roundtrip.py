@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import fsspec
 import numpy as np
@@ -73,6 +74,8 @@ def test_fsspec_file_url_and_memory_fs(tmp_path, samples):
     assert by_url.sample_ids == by_path.sample_ids
     for a, b in zip(by_path.get_batch(range(len(samples))), by_url.get_batch(range(len(samples)))):
         assert_same_signals(a, b, exact_logprobs=True)
+    clone = pickle.loads(pickle.dumps(by_url))  # DataLoader workers started with spawn re-open the cache
+    assert clone.sample_ids == by_path.sample_ids and clone.loc.url == by_url.loc.url
     mem = fsspec.filesystem("memory")
     mem.put(str(tmp_path / "c"), "/cachecopy", recursive=True)
     by_mem = CacheReader.open("memory://cachecopy")
@@ -142,3 +145,45 @@ def test_check_student(tmp_path, samples):
             r.check_student(dict(student, **{key: "different"}))
     with pytest.raises(AlignTIError, match="tokenizer"):
         r.check_student({"chat_template": student["chat_template"]})
+
+
+def test_zarr_fallback_reads_identically(tmp_path, samples, monkeypatch):
+    """Arrays the direct shard decoder does not recognise are read through zarr: same values."""
+    import alignti.storage.shards as shards
+
+    write(tmp_path / "c", samples)
+    fast = CacheReader.open(str(tmp_path / "c")).get_batch(range(len(samples)))
+    monkeypatch.setattr(shards, "_expected_codecs", lambda meta: None)
+    r = CacheReader.open(f"file://{tmp_path / 'c'}")
+    for a, b in zip(fast, r.get_batch(range(len(samples)))):
+        assert_same_signals(a, b, exact_logprobs=True)
+    shard = tmp_path / "c" / "parts" / "w0000-000002" / "signals.zarr" / "tpa_topk_ids" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 4] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(AlignTIError, match="w0000-000002.*tpa_topk_ids.*corrupted"):
+        CacheReader.open(str(tmp_path / "c")).get_batch(range(len(samples)))
+
+
+def test_unknown_id(tmp_path, samples):
+    write(tmp_path / "c", samples[:3])
+    r = CacheReader.open(str(tmp_path / "c"))
+    for bad in ("f" * 32, "ünïcode"):
+        with pytest.raises(AlignTIError, match="not in the cache"):
+            r.get_by_ids([samples[0].sample_id, bad])
+    with pytest.raises(IndexError):
+        r.get_batch([3])
+
+
+def test_tpa_and_iva_disabled(tmp_path):
+    """tpa_d=0 and iva_max_positions=0: zero-width / empty arrays round-trip."""
+    off = dataclasses.replace(SETTINGS, tpa_d=0, iva_max_positions=0)
+    samples = make_samples(6, seed=12, settings=off)
+    assert all(s.tpa_cand_ids.shape[1] == 0 and s.saliency.size == 0 for s in samples)
+    with CacheWriter.open(tmp_path / "c", manifest(off), worker=0, num_workers=1, part_size=4) as w:
+        for s in samples:
+            w.add(s)
+    r = CacheReader.open(str(tmp_path / "c"))
+    for a, b in zip(samples, r.get_by_ids([s.sample_id for s in samples])):
+        assert_same_signals(a, b)
+        assert b.tpa_topk_ids.shape == (a.resp_positions.size, 0, SETTINGS.tpa_top_k)

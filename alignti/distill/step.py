@@ -1,0 +1,119 @@
+"""The per-batch loss terms of a distillation step: one student forward, LM head on the needed rows.
+
+`loss_terms` runs the student's decoder once (`model.model`: hidden states, no logits), applies
+the LM head only to the rows a weighted term needs (response rows for L_sft and L_kd, salient
+vision rows for L_iva, ribbon candidate rows for L_tpa) and returns each term as (sum, count).
+The trainer adds them over micro-batches and ranks and divides once by global counts
+(`losses.combine`). Terms with weight 0 are not computed and not returned.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from transformers import PreTrainedModel
+
+from alignti.distill.batches import DistillBatch
+from alignti.distill.kl import padded_teacher_mass
+from alignti.distill.losses import LossConfig, SumCount, iva_attention_loss, iva_loss, kd_loss, sft_rows_loss, tpa_loss
+from alignti.errors import AlignTIError
+from alignti.extract.probe import probe_attention
+
+
+def student_iva_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:
+    """The student layer at the same relative depth as the teacher's IVA layer.
+
+    Layers are placed on [0, 1] by l / (L - 1), so the first and last layers map to each other:
+    round(l_T * (L_S - 1) / (L_T - 1)). A one-layer teacher maps to layer 0.
+    """
+    if teacher_layers <= 1:
+        return 0
+    return int(round(teacher_layer * (student_layers - 1) / (teacher_layers - 1)))
+
+
+def resolve_iva_layer(model: PreTrainedModel, batch: DistillBatch, iva_layer: int | None) -> int:
+    """The student layer probed by iva_target=attention: explicit, else the cached teacher layer scaled."""
+    layers = model.config.get_text_config().num_hidden_layers
+    if iva_layer is None:
+        if batch.teacher_iva_layer is None or batch.teacher_num_layers is None:
+            raise AlignTIError("iva_target=attention needs a student --iva-layer: the cache records no IVA layer")
+        iva_layer = student_iva_layer(batch.teacher_iva_layer, batch.teacher_num_layers, layers)
+    if not 0 <= iva_layer < layers:
+        raise AlignTIError(f"IVA layer {iva_layer} is outside the student's LM layers 0..{layers - 1}")
+    return iva_layer
+
+
+def _zero(hidden: torch.Tensor) -> SumCount:
+    """(0, 0) attached to the graph: a weighted term with nothing to score this micro-batch."""
+    return hidden[..., :0].sum().float(), torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+
+def _forward(model: PreTrainedModel, batch: DistillBatch,
+             probe_args: tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [B, W, H] of the student's decoder and, with a probe, its attention [B, n_v]."""
+    if batch.max_input_id >= model.get_input_embeddings().num_embeddings:
+        raise AlignTIError(f"token id {batch.max_input_id} is outside the student's vocabulary "
+                           f"({model.get_input_embeddings().num_embeddings}); pass vocab_size to build_distill_batch")
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "pixel_values": batch.pixel_values, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    ctx = nullcontext(None) if probe_args is None else probe_attention(model, *probe_args, keep_graph=True)
+    with ctx as probe:
+        hidden = model.model(**inputs)[0]
+    attention = None if probe is None else probe.result(normalize=False)[probe_args[0][0]]
+    return hidden, attention
+
+
+def loss_terms(model: PreTrainedModel, batch: DistillBatch, loss_cfg: LossConfig,
+               iva_layer: int | None = None) -> dict[str, SumCount]:
+    """{"sft" | "kd" | "iva" | "tpa": (sum, count)} for the terms with weight > 0.
+
+    model: a LLaVA-style `*ForConditionalGeneration` (uses `model.model` and
+    `model.get_output_embeddings()`). iva_layer: student layer for iva_target=attention
+    (default: the cache's teacher layer at the same relative depth, `student_iva_layer`).
+    Sums are fp32 scalars attached to the graph; counts equal `batch.counts()`.
+    """
+    w = loss_cfg.weights()
+    div = loss_cfg.divergence_kwargs()
+    attention = w["iva"] > 0 and loss_cfg.iva_target == "attention"
+    probe_args = None
+    if attention and batch.attn_sample.numel():
+        probe_args = ([resolve_iva_layer(model, batch, iva_layer)], list(batch.attn_queries), list(batch.attn_keys))
+    hidden, student_attention = _forward(model, batch, probe_args)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [B * W, H]
+    head = model.get_output_embeddings()
+    terms: dict[str, SumCount] = {}
+    if w["sft"] > 0 or w["kd"] > 0:
+        resp = head(flat.index_select(0, batch.resp_rows))  # [N, V]
+        if w["sft"] > 0:
+            terms["sft"] = sft_rows_loss(resp, batch.resp_targets, loss_cfg.chunk_size)
+        if w["kd"] > 0:
+            terms["kd"] = kd_loss(resp, batch.kd_ids, batch.kd_logprobs, **div)
+    if attention:
+        terms["iva"] = _zero(hidden) if student_attention is None else iva_attention_loss(
+            batch.attn_saliency, student_attention.index_select(0, batch.attn_sample))
+    elif w["iva"] > 0:
+        rows = head(flat.index_select(0, batch.iva_rows))  # [M, V]
+        terms["iva"] = iva_loss(rows, batch.iva_ids, batch.iva_logprobs, batch.iva_weights, batch.iva_sample,
+                                batch.num_samples, **div)
+    if w["tpa"] > 0:
+        rows = head(flat.index_select(0, batch.tpa_rows))  # [N_c * d, V]
+        terms["tpa"] = tpa_loss(rows, batch.tpa_ids, batch.tpa_logprobs, batch.tpa_cand_logprobs,
+                                weighting=loss_cfg.tpa_weighting, **div)
+    return terms
+
+
+def padded_mass_warning(batch: DistillBatch, vocab_size: int) -> float:
+    """Largest teacher probability on ids >= the student's vocab in any teacher row of the batch.
+
+    That mass is moved to the tail bucket; the trainer warns once when it exceeds
+    `kl.PADDED_MASS_WARN` (1e-6).
+    """
+    worst = 0.0
+    for ids, lps in ((batch.kd_ids, batch.kd_logprobs), (batch.iva_ids, batch.iva_logprobs),
+                     (batch.tpa_ids, batch.tpa_logprobs)):
+        if ids.shape[0]:
+            worst = max(worst, float(padded_teacher_mass(ids, lps, vocab_size).max()))
+    return worst
