@@ -13,6 +13,8 @@ import click
 
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.distill.config import DistillConfig
+from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
 from alignti.extract.irs import IrsConfig, run_irs
@@ -58,6 +60,13 @@ def irs(cfg: IrsConfig) -> None:
 def extract(cfg: ExtractConfig) -> None:
     """Run the teacher once over a corpus and cache every Align-TI signal."""
     click.echo(json.dumps(run_extract(cfg), indent=2))
+
+
+@cli.command()
+@from_dataclass(DistillConfig)
+def distill(cfg: DistillConfig) -> None:
+    """Train a student from the teacher-signal cache (or SFT from a corpus); the teacher is never loaded."""
+    click.echo(json.dumps(run_distill(cfg), indent=2))
 
 
 @cli.command("eval")

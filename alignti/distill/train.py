@@ -1,0 +1,441 @@
+"""`alignti distill`: train a student from the teacher-signal cache (or from a corpus, SFT only).
+
+`run_distill` reads top to bottom as the whole run: check the output directory, load the
+student, open the cache and check the student against it, build the examples, freeze, set up
+AdamW + cosine schedule on `accelerate`, then the loop. Each optimizer step:
+
+1. take the step's micro-batches (the same for any number of processes: the epoch's
+   length-grouped micro-batch list depends only on seed, epoch and --batch-size) and this
+   process's share of them;
+2. add up their loss counts (known before any forward) over micro-batches and processes;
+3. per micro-batch: loss = combine(terms, weights, global counts) * processes, backward
+   (gradient sync only on the last one); DDP averages over processes, so the gradient is exactly
+   that of the global mean, however the samples are split;
+4. clip, step, schedule, log; checkpoint every --save-every steps.
+
+The same script runs unchanged under `accelerate launch --num_processes N` (DDP, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from alignti.data.encode import SampleEncoder
+from alignti.distill import checkpoint as ckpt
+from alignti.distill.batches import build_distill_batch
+from alignti.distill.config import DistillConfig
+from alignti.distill.dataset import cache_examples, check_iva_compatible, corpus_examples
+from alignti.distill.kl import PADDED_MASS_WARN
+from alignti.distill.losses import TERMS, LossConfig, combine
+from alignti.distill.step import loss_terms, padded_mass_warning
+from alignti.errors import AlignTIError
+from alignti.models.fingerprint import fingerprint_model_dir
+from alignti.models.loading import load_model, load_processor, resolve_device
+from alignti.storage.reader import CacheReader
+
+# Micro-batches per length-grouping window: samples are sorted by length inside windows of
+# batch_size * GROUP_WINDOW (after a seeded shuffle), then the micro-batch order is shuffled.
+GROUP_WINDOW = 32
+PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector")
+VISION_KEYS = ("vision_tower", "vision_model")
+
+
+# ---------------------------------------------------------------- data order
+
+
+def epoch_micro_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices): seeded shuffle, length grouping
+    inside windows of GROUP_WINDOW micro-batches, shuffled micro-batch order. Depends only on
+    (lengths, batch_size, seed, epoch), never on the number of processes."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    window = batch_size * GROUP_WINDOW
+    batches: list[list[int]] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])  # stable: ties keep shuffled order
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def split_steps(micro: list[list[int]], per_step: int) -> list[list[list[int]]]:
+    """Consecutive groups of `per_step` micro-batches (the last may be shorter)."""
+    return [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
+
+
+def rank_share(step_micro: list[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This process's (indices, live) micro-batches of one step: every world-th one from `rank`.
+
+    A process left with none (a short last step) re-runs the step's first micro-batch with
+    live=False (its loss is multiplied by 0), so every process joins the gradient all-reduce.
+    """
+    mine = [(m, True) for m in step_micro[rank::world]]
+    return mine or [(step_micro[0], False)]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps (the first step already moves), then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- setup
+
+
+def make_accelerator(cfg: DistillConfig, find_unused: bool) -> Accelerator:
+    """Accelerator for --device. find_unused: some micro-batch may leave parameters out of the
+    graph (a text-only sample skips the projector); DDP must then be told, or it waits for their
+    gradients forever. It costs a graph traversal per step, so it is on only when needed.
+    Mixed precision is ours (`DistillObjective`), not accelerate's: its process-wide state would
+    refuse a second run with another --dtype in the same process."""
+    device = resolve_device(cfg.device)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
+    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+
+
+def autocast_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) for --dtype bf16, and for auto on GPU; None = fp32."""
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def open_cache(cfg: DistillConfig, student_fp: dict) -> CacheReader | None:
+    if cfg.cache is None:
+        return None
+    reader = CacheReader.open(cfg.cache)
+    reader.check_student(student_fp)
+    return reader
+
+
+def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[list, list]:
+    """(examples, rejects): cached samples joined with the student's encoding, or a corpus."""
+    if reader is None:
+        encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+        return corpus_examples(cfg.data, encoder)
+    image_root = cfg.image_root or reader.manifest.extra.get("image_root")
+    encoder = SampleEncoder(processor, image_root, cfg.max_length)
+    return cache_examples(reader, encoder, cfg.data)
+
+
+def freeze(model: torch.nn.Module, train: str) -> list[str]:
+    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params."""
+    names = []
+    for name, p in model.named_parameters():
+        part = ("vision" if any(k in name for k in VISION_KEYS)
+                else "projector" if any(k in name for k in PROJECTOR_KEYS) else "llm")
+        p.requires_grad_(train == "full" or (part != "vision" and train in (part, "all")))
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise AlignTIError(f"--train {train}: the student has no such parameters")
+    return names
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors (biases, norms)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class DistillObjective(torch.nn.Module):
+    """The student plus its loss terms as one module, so DDP wraps the whole forward (whatever
+    `loss_terms` reaches into) and its gradient hooks see every parameter used. autocast: the
+    compute dtype of the forward (None = fp32); the loss terms upcast their rows to fp32."""
+
+    def __init__(self, model: torch.nn.Module, loss_cfg: LossConfig, iva_layer: int | None,
+                 autocast: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model, self.loss_cfg, self.iva_layer, self.autocast = model, loss_cfg, iva_layer, autocast
+
+    def forward(self, batch: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        device = batch.input_ids.device.type
+        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return loss_terms(self.model, batch, self.loss_cfg, self.iva_layer)
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def optimizer_step(acc: Accelerator, objective: torch.nn.Module, batches: list, live: list[bool],
+                   weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Forward + backward over this process's micro-batches; returns this process's shares of
+    each term's global mean (they add up over processes to the global means)."""
+    counts = torch.zeros(len(TERMS), dtype=torch.float64, device=acc.device)
+    for b, on in zip(batches, live):
+        if on:
+            c = b.counts()
+            counts += torch.tensor([float(c.get(n, 0.0)) for n in TERMS], dtype=torch.float64, device=acc.device)
+    counts = acc.reduce(counts, reduction="sum") if acc.num_processes > 1 else counts
+    global_counts = {n: float(v) for n, v in zip(TERMS, counts.tolist())}
+    shares: dict[str, torch.Tensor] = {}
+    for j, (b, on) in enumerate(zip(batches, live)):
+        sync = j == len(batches) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(objective):
+            terms = objective(b)
+            total, means = combine(terms, weights, global_counts)
+            acc.backward(total * (acc.num_processes if on else 0.0))
+        if on:
+            for n, m in means.items():
+                shares[n] = shares.get(n, 0.0) + m.float()
+    return shares
+
+
+def step_record(acc: Accelerator, shares: dict[str, torch.Tensor], weights: dict[str, float], tokens: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """Global per-term means, weighted total and tokens of one step (one all-reduce)."""
+    vec = torch.tensor([float(shares.get(n, 0.0)) for n in TERMS] + [float(tokens)], dtype=torch.float64,
+                       device=acc.device)
+    vec = acc.reduce(vec, reduction="sum") if acc.num_processes > 1 else vec
+    values = dict(zip(TERMS, vec[:-1].tolist()))
+    terms = {n: values[n] for n in TERMS if n in shares or weights.get(n, 0.0) != 0}
+    record = dict(extra)
+    record["loss"] = sum(weights.get(n, 0.0) * v for n, v in terms.items())
+    record.update(terms)
+    record["tokens"] = int(vec[-1].item())
+    return record
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {n: f"{record[n]:.4f}" for n in ("loss",) + TERMS if n in record}
+    shown["tok/s"] = f"{record['tokens_per_second']:.0f}"
+    return shown
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built and validated by `setup_run`."""
+
+    cfg: DistillConfig
+    acc: Accelerator
+    loss_cfg: LossConfig
+    weights: dict[str, float]
+    student_fp: dict
+    processor: Any
+    examples: list
+    rejects: list
+    model: torch.nn.Module  # the student itself (unwrapped)
+    objective: torch.nn.Module  # student + loss terms, prepared (DDP-wrapped under several processes)
+    optimizer: Any
+    scheduler: Any
+    per_step: int  # micro-batches per optimizer step, all processes together
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int = 0
+    prior_seconds: float = 0.0  # training time before the resumed checkpoint
+    resume_from: Path | None = None
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Train the student; returns a summary (steps, last losses, tokens/s, wall time, paths)."""
+    wall_start = time.time()
+    run = setup_run(cfg)
+    acc = run.acc
+    last, train_seconds = train_loop(run)
+    acc.wait_for_everyone()
+    final = Path(cfg.out) / ckpt.FINAL
+    if acc.is_main_process:
+        final = ckpt.save_final(run.model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
+    acc.wait_for_everyone()
+    return _summary(run, final, last, train_seconds, time.time() - wall_start)
+
+
+def load_student(cfg: DistillConfig, acc: Accelerator, resume_from: Path | None) -> tuple[torch.nn.Module, list[str]]:
+    """The student in fp32 (master weights) on this process's device, frozen per --train."""
+    set_seed(cfg.seed)
+    model = load_model(cfg.student, str(acc.device), torch.float32).train()
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.iva_student_layer is not None and cfg.iva_student_layer >= n_layers:
+        raise AlignTIError(f"--iva-student-layer {cfg.iva_student_layer} is outside the student's LM layers "
+                           f"0..{n_layers - 1}")
+    trainable = freeze(model, cfg.train)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (--train projector) and with DDP's hooks.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if resume_from:
+        ckpt.load_trainable(resume_from, model)
+    return model, trainable
+
+
+def setup_run(cfg: DistillConfig) -> Run:
+    """Validate everything, load examples + student, build the optimizer; write nothing until all passed."""
+    loss_cfg = cfg.loss_config()
+    weights = loss_cfg.weights()
+    ckpt.check_output_dir(cfg.out, cfg.resume, cfg.overwrite)
+    student_fp = fingerprint_model_dir(cfg.student)
+    reader = open_cache(cfg, student_fp)
+    processor = load_processor(cfg.student)
+    examples, rejects = load_examples(cfg, reader, processor)
+    if not examples:
+        raise AlignTIError(f"no usable samples ({len(rejects)} rejected)")
+    if weights["iva"] > 0:
+        check_iva_compatible(examples, student_fp["n_vision_tokens"])
+    acc = make_accelerator(cfg, find_unused=any(e.student.pixel_values is None for e in examples))
+    acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
+    per_step = cfg.grad_accum * acc.num_processes
+    resume_from = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
+    state = ckpt.check_resume(cfg, resume_from, per_step, student_fp["weights"]) if resume_from else {}
+    model, trainable = load_student(cfg, acc, resume_from)
+
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / per_step)
+    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio))
+    objective = DistillObjective(model, loss_cfg, cfg.iva_student_layer, autocast_dtype(cfg, acc.device))
+    objective, optimizer = acc.prepare(objective, optimizer)
+    run = Run(cfg, acc, loss_cfg, weights, student_fp, processor, examples, rejects, model, objective, optimizer,
+              scheduler, per_step, steps_per_epoch, total_steps, int(state.get("step", 0)),
+              float(state.get("train_seconds", 0.0)), resume_from)
+    if resume_from:
+        ckpt.load_optimizer_state(resume_from, optimizer, scheduler)
+        if not ckpt.load_rank_rng(resume_from, acc.process_index):
+            print(f"distill: process {acc.process_index}: no RNG state in {resume_from} (written by "
+                  f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
+    if acc.is_main_process:
+        if not resume_from:
+            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": cfg.to_dict(), "student": student_fp})
+        ckpt.truncate_log(cfg.out, run.start_step)
+        print(_intro(run, trainable), flush=True)
+    acc.wait_for_everyone()
+    return run
+
+
+def train_loop(run: Run) -> tuple[dict[str, Any], float]:
+    """The optimizer steps from run.start_step to run.total_steps; (last step's record, train seconds)."""
+    cfg, acc = run.cfg, run.acc
+    main = acc.is_main_process
+    lengths = [e.student.length for e in run.examples]
+    pad_id, image_token_id = run.processor.tokenizer.pad_token_id, run.model.config.image_token_id
+    vocab = run.model.get_input_embeddings().num_embeddings
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    plan, plan_epoch, last, warned = [], -1, {}, False
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="distill", unit="step", dynamic_ncols=True,
+               disable=not (main and cfg.progress))
+    log = open(Path(cfg.out) / ckpt.LOG, "a", encoding="utf-8") if main else None
+    loop_start = time.time()
+    for step in range(run.start_step, run.total_steps):
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        if epoch != plan_epoch:
+            plan = split_steps(epoch_micro_batches(lengths, cfg.batch_size, cfg.seed, epoch), run.per_step)
+            plan_epoch = epoch
+        t0 = time.time()
+        share = rank_share(plan[in_epoch], acc.process_index, acc.num_processes)
+        batches = [build_distill_batch([run.examples[i] for i in idx], pad_id, image_token_id, run.loss_cfg,
+                                       acc.device, torch.float32, vocab_size=vocab) for idx, _ in share]
+        warned = warned or warn_padded_mass(batches, vocab, run.weights)
+        lr = run.optimizer.param_groups[0]["lr"]
+        shares = optimizer_step(acc, run.objective, batches, [on for _, on in share], run.weights)
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(b.num_tokens for b, (_, on) in zip(batches, share) if on)
+        last = step_record(acc, shares, run.weights, tokens, {"step": step + 1, "epoch": epoch, "lr": lr})
+        if not math.isfinite(last["loss"]):  # same value on every process: all stop together
+            terms = {n: last[n] for n in TERMS if n in last}
+            raise AlignTIError(f"step {step + 1}: the loss is {last['loss']} (terms {terms}); lower --lr, or "
+                               f"resume from the last checkpoint")
+        elapsed = run.prior_seconds + time.time() - loop_start
+        last.update(grad_norm=None if grad_norm is None else float(grad_norm),
+                    tokens_per_second=last["tokens"] / max(time.time() - t0, 1e-9), elapsed=elapsed)
+        if main:
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps:
+                bar.set_postfix(_postfix(last), refresh=False)
+            bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total_steps:
+            save_checkpoint(run, step + 1, elapsed)
+    bar.close()
+    if log is not None:
+        log.close()
+    return last, run.prior_seconds + time.time() - loop_start
+
+
+def warn_padded_mass(batches: list, vocab_size: int, weights: dict[str, float]) -> bool:
+    """Warn (once: returns True when it did) if teacher ids beyond the student vocab carry mass."""
+    if weights["kd"] + weights["iva"] + weights["tpa"] == 0:
+        return False
+    mass = max(padded_mass_warning(b, vocab_size) for b in batches)
+    if mass <= PADDED_MASS_WARN:
+        return False
+    tqdm.write(f"warning: teacher ids beyond the student vocabulary ({vocab_size}) carry up to {mass:.2e} "
+               f"probability in a row; that mass goes to the tail bucket")
+    return True
+
+def save_checkpoint(run: Run, step: int, train_seconds: float) -> None:
+    """Checkpoint after `step` (collective: every process must call it)."""
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch, "micro_batches_per_step": run.per_step,
+             "processes": run.acc.num_processes, "config": run.cfg.to_dict(),
+             "student_weights": run.student_fp["weights"], "train_seconds": train_seconds}
+    ckpt.save_checkpoint(run.acc, run.cfg.out, run.model, run.optimizer, run.scheduler, state,
+                         run.cfg.keep_checkpoints)
+
+
+def _intro(run: Run, trainable: list[str]) -> str:
+    n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in run.model.parameters())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r.reason for r in run.rejects).items()))
+    line = (f"distill: {len(run.examples)} samples ({len(run.rejects)} rejected{': ' + reasons if reasons else ''}); "
+            f"{n_train:,} of {n_all:,} parameters train ({len(trainable)} tensors, --train {run.cfg.train}); "
+            f"{run.total_steps} steps of {run.per_step * run.cfg.batch_size} samples on {run.acc.num_processes} "
+            f"process(es)")
+    return line + (f"\ndistill: resuming from {run.resume_from}" if run.resume_from else "")
+
+
+def _summary(run: Run, final: Path, last: dict, train_seconds: float, wall: float) -> dict[str, Any]:
+    log_path = Path(run.cfg.out) / ckpt.LOG
+    tokens = 0
+    if log_path.is_file():
+        tokens = sum(json.loads(line)["tokens"] for line in log_path.read_text(encoding="utf-8").splitlines() if line)
+    return {
+        "out": run.cfg.out, "final": str(final), "log": str(log_path), "steps": run.total_steps,
+        "steps_this_run": run.total_steps - run.start_step,
+        "resumed_from": str(run.resume_from) if run.resume_from else None, "samples": len(run.examples),
+        "rejects": dict(Counter(r.reason for r in run.rejects)), "processes": run.acc.num_processes,
+        "final_losses": {k: last[k] for k in ("loss",) + TERMS if k in last},
+        "tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall, 3),
+    }
+
+
+def main() -> None:
+    """`python -m alignti.distill.train '<DistillConfig as JSON>'`: for scripts, tests and `accelerate launch`
+    (the CLI is `alignti distill`). The main process prints the summary as JSON."""
+    import sys
+
+    summary = run_distill(DistillConfig(**json.loads(sys.argv[1])))
+    if int(summary["processes"]) == 1 or os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

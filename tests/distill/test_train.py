@@ -1,0 +1,237 @@
+"""`alignti distill` end to end on tiny models: extract a cache, distil with each recipe, reload.
+
+`build_world` (also used by test_resume.py and test_ddp.py) makes, once per test session: a
+shapes corpus, a tokenizer trained on it, a sharpened tiny teacher, two students of different
+sizes sharing the teacher's tokenizer and image grid, a 24-sample cache and a 4-sample cache
+(one micro-batch: training on it repeats a fixed batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from alignti.data.batching import collate
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.distill.config import DistillConfig
+from alignti.distill.train import epoch_micro_batches, lr_factor, rank_share, run_distill, split_steps
+from alignti.errors import AlignTIError
+from alignti.extract.run import ExtractConfig, run_extract
+from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.tokenizer import train_tokenizer
+
+
+@dataclass(frozen=True)
+class World:
+    shapes: Path  # image root; train.json is the corpus
+    corpus: Path
+    teacher: Path
+    student: Path  # hidden 32
+    student_b: Path  # hidden 48
+    cache: Path  # 24 samples
+    small_cache: Path  # 4 samples (one batch of 4)
+
+
+@functools.lru_cache(maxsize=None)
+def build_world(root: str) -> World:
+    base = Path(root)
+    shapes = base / "shapes"
+    run_shapes(ShapesConfig(out=str(shapes), n=24, seed=1))
+    corpus = shapes / "train.json"
+    texts = [t["value"] for r in json.loads(corpus.read_text()) for t in r["conversations"]]
+    tokenizer = train_tokenizer(texts, vocab_size=200)
+    teacher, processor = build_tiny_llava(TinySpec(hidden=64, layers=2), tokenizer)
+    with torch.no_grad():  # peaked teacher distributions: KD / IVA / TPA targets far from uniform
+        for p in teacher.parameters():
+            p.mul_(4.0)
+    save_model_dir(teacher, processor, base / "teacher")
+    for name, spec in (("student", TinySpec(hidden=32, layers=2, seed=1)),
+                       ("student_b", TinySpec(hidden=48, layers=2, seed=2))):
+        model, proc = build_tiny_llava(spec, tokenizer)
+        save_model_dir(model, proc, base / name)
+    common = dict(teacher=str(base / "teacher"), data=str(corpus), image_root=str(shapes), top_k=8, tpa_d=2,
+                  tpa_top_k=4, iva_layer="1", iva_max_positions=8, iva_top_k=4, batch_size=8, max_length=256)
+    run_extract(ExtractConfig(out=str(base / "cache"), **common))
+    run_extract(ExtractConfig(out=str(base / "small_cache"), limit=4, **common))
+    return World(shapes, corpus, base / "teacher", base / "student", base / "student_b", base / "cache",
+                 base / "small_cache")
+
+
+def world_of(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(str(tmp_path_factory.getbasetemp() / "distill-world"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return world_of(tmp_path_factory)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def generate_once(model_dir: Path, world: World) -> torch.Tensor:
+    """Reload with the Auto classes and greedily generate a few tokens for one corpus image."""
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
+    row = json.loads(world.corpus.read_text())[0]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    image = Image.open(world.shapes / row["image"]).convert("RGB")
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_data_order_is_seeded_grouped_and_independent_of_processes():
+    lengths = list(np.random.default_rng(0).integers(10, 100, size=50))
+    a = epoch_micro_batches(lengths, 4, seed=3, epoch=0)
+    assert a == epoch_micro_batches(lengths, 4, seed=3, epoch=0)
+    assert a != epoch_micro_batches(lengths, 4, seed=3, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(50))  # every sample once per epoch
+    # micro-batches hold neighbours in length (sorted windows), so padding is small
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a if len(b) == 4])
+    assert spread < 15
+    # a step's micro-batches are split between processes without loss or overlap; a process
+    # left without one re-runs the first with live=False
+    step = split_steps(a, 4)[0]
+    shares = [rank_share(step, r, 2) for r in range(2)]
+    assert sorted(map(tuple, (m for s in shares for m, _ in s))) == sorted(map(tuple, step))
+    assert rank_share(step[:1], 1, 2) == [(step[0], False)]
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
+    assert f[0] == pytest.approx(1 / 3) and f[1] == pytest.approx(2 / 3) and f[2] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(f[2:], f[3:])) and f[-1] > 0.1
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("recipe,terms", [("sft", {"sft"}), ("kd", {"sft", "kd"}),
+                                          ("alignti", {"sft", "kd", "iva", "tpa"})])
+def test_recipe_trains_on_a_fixed_batch_and_reloads(world, tmp_path, recipe, terms):
+    out = tmp_path / "out"
+    summary = run_distill(DistillConfig(cache=str(world.small_cache), student=str(world.student), out=str(out),
+                                        recipe=recipe, lr=3e-3, warmup_ratio=0.0, batch_size=4, epochs=6,
+                                        save_every=0, progress=False))
+    log = read_log(out)
+    assert summary["steps"] == len(log) == 6 and summary["samples"] == 4
+    for rec in log:
+        assert {"sft", "kd", "iva", "tpa"} & set(rec) == terms
+        assert all(np.isfinite(rec[t]) and rec[t] >= 0 for t in terms) and np.isfinite(rec["loss"])
+        assert rec["tokens"] > 0 and rec["tokens_per_second"] > 0
+    # the same 4 samples every step: the objective and every distillation term go down
+    assert log[-1]["loss"] < log[0]["loss"]
+    for t in terms - {"sft"}:
+        assert log[-1][t] < log[0][t], (t, [r[t] for r in log])
+    assert summary["final_losses"]["loss"] == pytest.approx(log[-1]["loss"])
+    # step 1's L_sft is the mean cross-entropy over the batch's labelled tokens: the HF loss
+    start = AutoModelForImageTextToText.from_pretrained(world.student).eval()
+    proc = AutoProcessor.from_pretrained(world.student, backend="pil")
+    from alignti.data.encode import SampleEncoder
+    from alignti.distill.dataset import cache_examples
+    from alignti.storage.reader import CacheReader
+
+    examples, _ = cache_examples(CacheReader.open(str(world.small_cache)), SampleEncoder(proc, None, 2048), None)
+    batch = collate([e.student for e in examples], proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = start(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    pixel_values=batch.pixel_values, labels=batch.labels).loss
+    assert log[0]["sft"] == pytest.approx(float(ref), rel=1e-5), log
+    # the saved student reloads with the Auto classes, differs from the start and generates
+    final = weights(out / "final")
+    assert any(not torch.equal(v, weights(world.student)[k]) for k, v in final.items())
+    assert generate_once(out / "final", world).numel() > 0
+
+
+def test_one_cache_distils_two_student_sizes(world, tmp_path):
+    hidden = []
+    for student in (world.student, world.student_b):
+        out = tmp_path / student.name
+        s = run_distill(DistillConfig(cache=str(world.cache), student=str(student), out=str(out), lr=1e-3,
+                                      batch_size=4, max_steps=2, save_every=0, progress=False))
+        assert s["steps"] == 2 and s["samples"] == 24
+        assert all(np.isfinite(v) for v in s["final_losses"].values()) and set(s["final_losses"]) == {
+            "loss", "sft", "kd", "iva", "tpa"}
+        model = AutoModelForImageTextToText.from_pretrained(out / "final")
+        hidden.append(model.config.text_config.hidden_size)
+    assert hidden == [32, 48]
+
+
+def test_sft_from_corpus_trains_only_the_projector(world, tmp_path):
+    out = tmp_path / "out"
+    s = run_distill(DistillConfig(data=str(world.corpus), image_root=str(world.shapes), student=str(world.student),
+                                  out=str(out), recipe="sft", train="projector", lr=1e-2, batch_size=8,
+                                  max_steps=2, save_every=0, progress=False))
+    assert s["samples"] == 24 and set(s["final_losses"]) == {"loss", "sft"}
+    before, after = weights(world.student), weights(out / "final")
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    projector = {k for k in before if "multi_modal_projector" in k}
+    assert projector and changed == projector
+
+
+def test_bad_inputs_fail_before_writing(world, tmp_path):
+    with pytest.raises(AlignTIError, match="--recipe sft"):
+        DistillConfig(data=str(world.corpus), student=str(world.student), out=str(tmp_path / "x"), recipe="kd")
+    with pytest.raises(AlignTIError, match="--cache"):
+        DistillConfig(student=str(world.student), out=str(tmp_path / "x"))
+    with pytest.raises(AlignTIError, match="must be >= 1"):
+        DistillConfig(cache=str(world.cache), student=str(world.student), out=str(tmp_path / "x"), grad_accum=0)
+    # a student with another tokenizer: refused by the cache, nothing written
+    other_tok = train_tokenizer(["completely different words here"] * 8, vocab_size=300)  # merges differ
+    m, p = build_tiny_llava(TinySpec(hidden=32), other_tok)
+    other = save_model_dir(m, p, tmp_path / "other")
+    with pytest.raises(AlignTIError, match="tokenizer"):
+        run_distill(DistillConfig(cache=str(world.cache), student=str(other), out=str(tmp_path / "o1"),
+                                  progress=False))
+    assert not (tmp_path / "o1").exists()
+    # an existing output needs --resume or --overwrite; --overwrite never deletes foreign data
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "precious.txt").write_text("x")
+    base = dict(cache=str(world.small_cache), student=str(world.student), out=str(tmp_path / "o2"), progress=False)
+    with pytest.raises(AlignTIError, match="already exists"):
+        run_distill(DistillConfig(**base))
+    with pytest.raises(AlignTIError, match="not written by alignti distill"):
+        run_distill(DistillConfig(overwrite=True, **base))
+    assert (tmp_path / "o2" / "precious.txt").exists()
+
+
+def test_method_doc_lists_every_option():
+    import dataclasses
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text()
+    missing = [f.name for f in dataclasses.fields(DistillConfig) if f"`--{f.name.replace('_', '-')}" not in doc]
+    assert not missing, f"docs/method.md does not document {missing}"
+
+
+def test_gradient_checkpointing_and_bf16(world, tmp_path):
+    base = dict(cache=str(world.small_cache), student=str(world.student), lr=1e-3, batch_size=4, max_steps=2,
+                save_every=0, progress=False)
+    run_distill(DistillConfig(out=str(tmp_path / "plain"), **base))
+    run_distill(DistillConfig(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **base))
+    a, b = weights(tmp_path / "plain" / "final"), weights(tmp_path / "ckpt" / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+    s = run_distill(DistillConfig(out=str(tmp_path / "bf16"), dtype="bf16", **base))
+    assert all(np.isfinite(v) for v in s["final_losses"].values())
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16" / "final").values())  # student's dtype
