@@ -13,6 +13,7 @@ import click
 
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.demo import DemoConfig, run_demo
 from alignti.distill.config import DistillConfig
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
@@ -81,6 +82,13 @@ def eval_(cfg: EvalConfig) -> None:
 def inspect(cfg: InspectConfig) -> None:
     """Cache statistics: samples, rejects, bytes per signal and per response token, retained mass, IRS."""
     run_inspect(cfg)
+
+
+@cli.command()
+@from_dataclass(DemoConfig)
+def demo(cfg: DemoConfig) -> None:
+    """The whole pipeline on the built-in shapes corpus, CPU only: teacher, cache, two students x 3 recipes, eval."""
+    run_demo(cfg)
 
 
 def main() -> None:

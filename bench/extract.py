@@ -111,8 +111,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     ap.add_argument("--out", default="bench/results/extract.json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -24,3 +24,8 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer = train_tokenizer(TEXTS * 4, vocab_size=300)
     model, processor = build_tiny_llava(TinySpec(), tokenizer)
     return save_model_dir(model, processor, out)
+
+# Tiny models: one thread is as fast as two and does not collapse when the 2 cores are shared.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignti.errors import AlignTIError
+from alignti.storage.parts import fsync_path
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -89,14 +90,6 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's torch generator states (CPU, and every CUDA device when present)."""
     state = {"cpu": torch.get_rng_state()}
@@ -152,7 +145,7 @@ def finish_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: Any, schedul
     if final.exists():  # a resumed run re-saving a step it already saved
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(tmp.parent)
+    fsync_path(tmp.parent)
     if keep > 0:
         for old in list_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

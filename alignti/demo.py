@@ -1,0 +1,177 @@
+"""`alignti demo`: the whole product on the built-in shapes corpus, on a laptop CPU.
+
+Reads top to bottom as the run: corpus -> teacher and two student sizes (tiny random LLaVA
+models sharing one tokenizer) -> teacher SFT until competent -> IRS + extract once -> both
+student sizes distilled from that one cache with sft, kd and alignti -> every model evaluated on
+the held-out split -> saliency pictures -> report.md / report.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.distill.config import DistillConfig
+from alignti.distill.train import run_distill
+from alignti.errors import AlignTIError
+from alignti.eval.run import EvalConfig, run_eval
+from alignti.eval.saliency import box_mass, overlay, teacher_saliency
+from alignti.extract.irs import IrsConfig, run_irs
+from alignti.extract.run import ExtractConfig, run_extract
+from alignti.models.assemble import AssembleConfig, run_assemble
+from alignti.models.fingerprint import fingerprint_model_dir
+from alignti.models.loading import load_model, load_processor
+from alignti.demo_report import write_report
+
+MARKER = ".alignti-demo"
+RECIPES = ("sft", "kd", "alignti")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and budgets of one demo run (see DEFAULT and QUICK)."""
+
+    n: int  # shapes records (train + test)
+    teacher: dict  # AssembleConfig size fields
+    students: dict[str, dict]  # name -> AssembleConfig size fields
+    teacher_steps: int
+    teacher_lr: float
+    student_steps: int
+    student_lr: float
+    batch_size: int
+    irs_samples: int
+    pictures: int
+
+
+# Calibrated on the 2-core CPU (docs/results.md): above lr ~1e-3 these from-scratch models never
+# learn to use the image; 16 vision tokens (patch 16) learn about twice as fast per second as 64.
+_VISION = dict(vision_hidden=64, vision_layers=2, image_size=64, patch=16, vocab_size=512)
+DEFAULT = DemoPlan(
+    n=5000, teacher=dict(hidden=128, layers=4, heads=4, kv_heads=2, **_VISION),
+    students={"student-s": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION),
+              "student-m": dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION)},
+    teacher_steps=3600, teacher_lr=4e-4, student_steps=700, student_lr=4e-4, batch_size=16, irs_samples=128,
+    pictures=6)
+QUICK = DemoPlan(
+    n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),
+    students={"student-s": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_VISION),
+              "student-m": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION)},
+    teacher_steps=1200, teacher_lr=4e-4, student_steps=150, student_lr=4e-4, batch_size=16, irs_samples=64,
+    pictures=4)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`alignti demo` options."""
+
+    workdir: str = field(default="demo-out", metadata={"help": "where everything is written (recreated)"})
+    quick: bool = field(default=False, metadata={"help": "smaller corpus, models and budgets (<= 3 min)"})
+    seed: int = field(default=0, metadata={"help": "corpus, initialisation and data-order seed"})
+    threads: int = field(default=1, metadata={
+        "help": "torch CPU threads (1 is fastest for these tiny models and robust on a busy machine)"})
+
+
+class Stages:
+    """Wall time per stage, printed as each stage starts and ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"\n== {name}", flush=True)
+        t0 = time.time()
+        yield
+        self.seconds[name] = round(time.time() - t0, 2)
+        print(f"== {name}: {self.seconds[name]:.1f}s", flush=True)
+
+
+def prepare_workdir(path: str) -> Path:
+    """Recreate the workdir; refuse to delete a non-empty directory the demo did not create."""
+    work = Path(path)
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
+        raise AlignTIError(f"{path} exists and is not a demo workdir; pass another --workdir")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("created by alignti demo\n")
+    return work
+
+
+def train(student: Path, out: Path, plan: DemoPlan, steps: int, lr: float, seed: int, **kw) -> Path:
+    """One distill run with the demo's fixed budget; returns the trained model directory."""
+    cfg = DistillConfig(student=str(student), out=str(out), max_steps=steps, epochs=10_000, lr=lr,
+                        batch_size=plan.batch_size,
+                        warmup_steps=max(1, steps // 20), save_every=0, seed=seed, progress=True, **kw)
+    return Path(run_distill(cfg)["final"])
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The whole pipeline; returns report.json's content."""
+    plan = QUICK if cfg.quick else DEFAULT
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    stage, work = Stages(), prepare_workdir(cfg.workdir)
+    shapes = work / "shapes"
+    with stage("corpus"):
+        run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
+    train_json, test_json = shapes / "train.json", shapes / "test.json"
+    with stage("models"):
+        init = {"teacher": run_assemble(AssembleConfig(out=str(work / "init" / "teacher"), random=True,
+                                                       corpus=str(train_json), seed=cfg.seed, **plan.teacher))}
+        for name, size in plan.students.items():
+            init[name] = run_assemble(AssembleConfig(out=str(work / "init" / name), random=True, seed=cfg.seed + 1,
+                                                     tokenizer_from=str(init["teacher"]), **size))
+    with stage("teacher_sft"):
+        teacher = train(init["teacher"], work / "teacher", plan, plan.teacher_steps, plan.teacher_lr, cfg.seed,
+                        data=str(train_json), image_root=str(shapes), recipe="sft", train="full")
+    with stage("irs"):
+        irs = run_irs(IrsConfig(teacher=str(teacher), data=str(train_json), image_root=str(shapes),
+                                out=str(work / "irs.json"), samples=plan.irs_samples))
+    cache = work / "cache"
+    with stage("extract"):
+        extract = run_extract(ExtractConfig(teacher=str(teacher), data=str(train_json), image_root=str(shapes),
+                                            out=str(cache), iva_layer=str(irs["layer"]), batch_size=16))
+    models = {"teacher": {"role": "teacher", "recipe": "sft", "path": teacher, "size": "teacher"}}
+    with stage("distill"):
+        for name in plan.students:
+            for recipe in RECIPES:
+                out = train(init[name], work / "students" / f"{name}-{recipe}", plan, plan.student_steps,
+                            plan.student_lr, cfg.seed, cache=str(cache), recipe=recipe, train="full")
+                models[f"{name}-{recipe}"] = {"role": "student", "recipe": recipe, "path": out, "size": name}
+    with stage("eval"):
+        for name, m in models.items():
+            m["scores"] = run_eval(EvalConfig(out=str(work / "eval" / name), benchmark="shapes",
+                                              questions=str(test_json), image_root=str(shapes), model=str(m["path"]),
+                                              batch_size=32))
+    with stage("saliency"):
+        sal = saliency_pictures(teacher, test_json, shapes, irs["layer"], work / "saliency", plan.pictures)
+    report = write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, stage.seconds,
+                          cfg.quick)
+    return report
+
+
+def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
+    """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
+    model, processor = load_model(teacher), load_processor(teacher)
+    items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
+    with_box = [it for it in items if it.box]
+    masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, it in enumerate(with_box[:pictures]):
+        with Image.open(root / it.sample.image_path) as im:
+            path = out / f"saliency_{i:02d}.png"
+            overlay(im, it).save(path)
+            files.append(str(path))
+    n = max(len(masses), 1)
+    return {"layer": layer, "samples": len(masses), "pictures": files,
+            "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
+            "mean_box_share": round(sum(s for _, s in masses) / n, 4)}

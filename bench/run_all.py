@@ -1,0 +1,78 @@
+"""Run every benchmark and write one JSON with every figure beside its design.md section 6 target.
+
+    python bench/run_all.py [--skip-paper-table] [--demo-dir demo-out] [--out bench/results/all.json]
+
+Runs cache_size, extract, distill (and paper_table unless skipped: it trains 15 students) as
+subprocesses, reads their JSON, and prints one table: figure, value, target, met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def run(script: str, *args: str) -> None:
+    print(f"\n### {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+
+
+def figures(cache: dict, extract: dict, distill: dict) -> list[dict]:
+    """(figure, value, op, target) rows from the three benchmarks' JSON."""
+    per = cache["bytes_per_response_token"]
+    rows = [
+        ("cache bytes / response token, top-k (k=64)", per["topk"], "<=", 200.0),
+        ("cache bytes / response token, all signals", per["total"], "<=", 1536.0),
+        ("saliency probe forward / plain SDPA forward", extract["probe_forward_over_plain"], "<=", 1.05),
+        ("extract wall / bare teacher forwards", extract["extract_over_bare_forwards"], "<=", 1.15),
+    ]
+    for name, value in distill["ratios"].items():
+        t = distill["targets"][name]
+        rows.append((f"distill: {name}", value, t["op"], t["value"]))
+    for signal, value in per.items():
+        if signal not in ("topk", "total"):
+            rows.append((f"cache bytes / response token, {signal}", value, "", None))
+    out = []
+    for name, value, op, target in rows:
+        met = None if target is None else (value <= target if op == "<=" else value >= target)
+        out.append({"figure": name, "value": value, "target": f"{op} {target}" if target is not None else "",
+                    "met": met})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-paper-table", action="store_true")
+    ap.add_argument("--demo-dir", default=None, help="reuse a finished demo's teacher and cache for paper_table")
+    ap.add_argument("--out", default=str(RESULTS / "all.json"))
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache_json = subprocess.run([sys.executable, str(HERE / "cache_size.py"), "--json"], check=True,
+                                capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    (RESULTS / "cache_size.json").write_text(cache_json)
+    run("extract.py", "--out", str(RESULTS / "extract.json"))
+    run("distill.py", "--out", str(RESULTS / "distill.json"))
+    result = {"cache_size": json.loads(cache_json),
+              "extract": json.loads((RESULTS / "extract.json").read_text()),
+              "distill": json.loads((RESULTS / "distill.json").read_text())}
+    if not args.skip_paper_table:
+        run("paper_table.py", "--out", str(RESULTS / "paper_table.json"),
+            *(["--demo-dir", args.demo_dir] if args.demo_dir else []))
+        result["paper_table"] = json.loads((RESULTS / "paper_table.json").read_text())
+    result["figures"] = figures(result["cache_size"], result["extract"], result["distill"])
+    print(f"\n{'figure':<55}{'value':>12}  {'target':<10} met")
+    for row in result["figures"]:
+        met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
+        print(f"{row['figure']:<55}{row['value']:>12.3f}  {row['target']:<10} {met}")
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
