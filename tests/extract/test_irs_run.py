@@ -1,0 +1,62 @@
+"""IRS from the probe equals IRS computed directly from eager attentions; `alignti irs` writes its files."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from alignti.data.corpus import read_corpus
+from alignti.data.encode import SampleEncoder
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.extract.irs import IrsConfig, compute_irs, run_irs
+from alignti.extract.teacher import probe_targets
+from alignti.models.loading import load_model, load_processor
+from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("irs")
+    run_shapes(ShapesConfig(out=str(root / "shapes"), n=12, seed=2))
+    texts = [t["value"] for r in json.loads((root / "shapes" / "train.json").read_text()) for t in r["conversations"]]
+    model, processor = build_tiny_llava(TinySpec(layers=3), train_tokenizer(texts, vocab_size=200))
+    with torch.no_grad():  # sharper than a fresh init, so layers differ
+        for p in model.parameters():
+            p.mul_(4.0)
+    return save_model_dir(model, processor, root / "teacher"), root / "shapes"
+
+
+def test_irs_equals_direct_computation_from_eager_attentions(world):
+    teacher, shapes = world
+    model, processor = load_model(teacher), load_processor(teacher)
+    enc = SampleEncoder(processor, str(shapes), 512)
+    samples = [enc.encode(r) for r in read_corpus(shapes / "train.json")][:6]
+    got = compute_irs(model, samples, processor.tokenizer.pad_token_id, batch_size=4)
+    model.set_attn_implementation({"text_config": "eager"})
+    queries, keys = probe_targets(tuple(samples), samples[0].n_v)
+    alphas = []  # [S][L] vectors over the vision tokens
+    for s, q, k in zip(samples, queries, keys):
+        with torch.no_grad():
+            att = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, output_attentions=True).attentions
+        per_layer = []
+        for a in att:
+            v = a[0].double().mean(0)[q][:, k].mean(0)
+            per_layer.append(v / v.sum())
+        alphas.append(per_layer)
+    for layer in range(3):
+        cos = [torch.nn.functional.cosine_similarity(alphas[i][layer], alphas[j][layer], dim=0).item()
+               for i, j in itertools.permutations(range(len(samples)), 2)]
+        assert got[layer].item() == pytest.approx(1 - sum(cos) / len(cos), abs=1e-5)
+
+
+def test_irs_command_writes_scores_and_plot(world, tmp_path):
+    teacher, shapes = world
+    out = tmp_path / "irs.json"
+    res = run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
+                            out=str(out), samples=8, batch_size=4))
+    saved = json.loads(out.read_text())
+    assert saved == res and len(saved["scores"]) == 3 and saved["num_samples"] == 8
+    assert saved["layer"] == max(range(3), key=lambda i: saved["scores"][i])
+    assert out.with_suffix(".png").stat().st_size > 0
