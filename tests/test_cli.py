@@ -1,0 +1,30 @@
+"""Every command is listed and has --help; bad input is one line with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from alignti.cli import cli
+
+COMMANDS = ["assemble", "data", "demo", "distill", "eval", "extract", "inspect", "irs"]
+
+
+def test_help_lists_every_command():
+    out = CliRunner().invoke(cli, ["--help"]).output
+    listed = [line.split()[0] for line in out.split("Commands:")[1].strip().splitlines()]
+    assert listed == COMMANDS
+
+
+@pytest.mark.parametrize("args", [[c] for c in COMMANDS if c != "data"] + [["data", "shapes"]])
+def test_every_command_has_help(args):
+    res = CliRunner().invoke(cli, [*args, "--help"])
+    assert res.exit_code == 0 and "Usage:" in res.output and len(res.output) > 200
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-c", "from alignti.cli import main; main()", "inspect",
+                          str(tmp_path / "missing")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith("alignti: error:") and res.stderr.count("\n") == 1
