@@ -39,7 +39,7 @@ from alignti.data.encode import SampleEncoder
 from alignti.distill import checkpoint as ckpt
 from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import DistillConfig
-from alignti.distill.dataset import cache_examples, check_iva_compatible, corpus_examples
+from alignti.distill.dataset import ExampleSet, check_iva_compatible, lazy_cache_examples, lazy_corpus_examples
 from alignti.distill.kl import PADDED_MASS_WARN
 from alignti.distill.losses import TERMS, LossConfig, combine
 from alignti.distill.step import loss_terms, padded_mass_warning
@@ -124,14 +124,15 @@ def open_cache(cfg: DistillConfig, student_fp: dict) -> CacheReader | None:
     return reader
 
 
-def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[list, list]:
-    """(examples, rejects): cached samples joined with the student's encoding, or a corpus."""
+def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[ExampleSet, list]:
+    """(examples, rejects): cached samples joined with the student's encoding, or a corpus; lazy
+    (each micro-batch is encoded and its signals read when the loop reaches it)."""
     if reader is None:
         encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
-        return corpus_examples(cfg.data, encoder)
+        return lazy_corpus_examples(cfg.data, encoder)
     image_root = cfg.image_root or reader.manifest.extra.get("image_root")
     encoder = SampleEncoder(processor, image_root, cfg.max_length)
-    return cache_examples(reader, encoder, cfg.data)
+    return lazy_cache_examples(reader, encoder, cfg.data)
 
 
 def freeze(model: torch.nn.Module, train: str) -> list[str]:
@@ -233,7 +234,7 @@ class Run:
     weights: dict[str, float]
     student_fp: dict
     processor: Any
-    examples: list
+    examples: ExampleSet  # built per micro-batch (get_many), never all at once
     rejects: list
     model: torch.nn.Module  # the student itself (unwrapped)
     objective: torch.nn.Module  # student + loss terms, prepared (DDP-wrapped under several processes)
@@ -295,7 +296,7 @@ def setup_run(cfg: DistillConfig) -> Run:
         raise AlignTIError(f"no usable samples ({len(rejects)} rejected)")
     if weights["iva"] > 0:
         check_iva_compatible(examples, student_fp["n_vision_tokens"])
-    acc = make_accelerator(cfg, find_unused=any(e.student.pixel_values is None for e in examples))
+    acc = make_accelerator(cfg, find_unused=examples.has_text_only)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     per_step = cfg.grad_accum * acc.num_processes
     resume_from = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
@@ -331,7 +332,7 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     """The optimizer steps from run.start_step to run.total_steps; (last step's record, train seconds)."""
     cfg, acc = run.cfg, run.acc
     main = acc.is_main_process
-    lengths = [e.student.length for e in run.examples]
+    lengths = run.examples.lengths
     pad_id, image_token_id = run.processor.tokenizer.pad_token_id, run.model.config.image_token_id
     vocab = run.model.get_input_embeddings().num_embeddings
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -347,7 +348,7 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
             plan_epoch = epoch
         t0 = time.time()
         share = rank_share(plan[in_epoch], acc.process_index, acc.num_processes)
-        batches = [build_distill_batch([run.examples[i] for i in idx], pad_id, image_token_id, run.loss_cfg,
+        batches = [build_distill_batch(run.examples.get_many(idx), pad_id, image_token_id, run.loss_cfg,
                                        acc.device, torch.float32, vocab_size=vocab) for idx, _ in share]
         warned = warned or warn_padded_mass(batches, vocab, run.weights)
         lr = run.optimizer.param_groups[0]["lr"]
