@@ -55,16 +55,16 @@ class DemoPlan:
 # learn to use the image; 16 vision tokens (patch 16) learn about twice as fast per second as 64.
 _VISION = dict(vision_hidden=64, vision_layers=2, image_size=64, patch=16, vocab_size=512)
 DEFAULT = DemoPlan(
-    n=15000, teacher=dict(hidden=128, layers=4, heads=4, kv_heads=2, **_VISION),
+    n=5000, teacher=dict(hidden=128, layers=4, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION)},
-    teacher_steps=3600, teacher_lr=4e-4, student_steps=700, student_lr=4e-4, batch_size=16, irs_samples=128,
+    teacher_steps=3200, teacher_lr=4e-4, student_steps=500, student_lr=4e-4, batch_size=16, irs_samples=128,
     pictures=6)
 QUICK = DemoPlan(
     n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION)},
-    teacher_steps=1200, teacher_lr=4e-4, student_steps=150, student_lr=4e-4, batch_size=16, irs_samples=64,
+    teacher_steps=1200, teacher_lr=4e-4, student_steps=150, student_lr=2e-3, batch_size=16, irs_samples=64,
     pictures=4)
 
 
