@@ -7,14 +7,17 @@ the cache for this worker, stream + encode + length-group the corpus, run each b
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from alignti.data.batching import Batch, collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
@@ -24,7 +27,7 @@ from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import TeacherSignals
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.loading import load_model, load_processor, resolve_device, load_config, resolve_dtype
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
@@ -62,8 +65,10 @@ class ExtractConfig:
     seed: int = field(default=0, metadata={"help": "seed for --tpa-proposal sample"})
     chunk_size: int = field(default=256, metadata={"help": "rows per LM-head chunk (memory bound)"})
     backend: str = field(default="hf", metadata={
-        "help": "hf (every signal) | vllm (response top-k only; needs --tpa-d 0 --iva-layer none; untested in CI)",
-        "choices": ("hf", "vllm")})
+        "help": "hf | vllm (log-probs from vLLM, saliency from the HF teacher cut after the IVA layer; "
+                "--tpa-proposal top only; untested in CI)", "choices": ("hf", "vllm")})
+    vllm_gpu_memory: float = field(default=0.6, metadata={
+        "help": "vLLM's share of GPU memory; the cut HF teacher for saliency uses the rest"})
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -77,8 +82,10 @@ class ExtractConfig:
         if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
             raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
         parse_worker(self.worker)
-        if self.backend == "vllm" and (self.tpa_d or self.iva_layer != "none"):
-            raise AlignTIError("--backend vllm writes the KD signal only: pass --tpa-d 0 --iva-layer none")
+        if self.backend == "vllm" and self.tpa_d and self.tpa_proposal != "top":
+            raise AlignTIError("--backend vllm supports --tpa-proposal top only (vLLM returns top-n log-probs)")
+        if not 0.0 < self.vllm_gpu_memory < 1.0:
+            raise AlignTIError("--vllm-gpu-memory must be in (0, 1)")
 
 
 def parse_worker(spec: str | None) -> tuple[int | None, int | None]:
@@ -94,9 +101,10 @@ def parse_worker(spec: str | None) -> tuple[int | None, int | None]:
     return i, n
 
 
-def resolve_iva_layer(cfg: ExtractConfig, model, encoder: SampleEncoder, pad_id: int) -> tuple[int | None, list | None]:
-    """The IVA layer and IRS scores: explicit, none, reused from the cache being resumed, or IRS."""
-    num_layers = model.config.get_text_config().num_hidden_layers
+def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[], PreTrainedModel],
+                      encoder: SampleEncoder, pad_id: int) -> tuple[int | None, list | None]:
+    """The IVA layer and IRS scores: explicit, none, reused from the cache being resumed, or IRS
+    (`irs_model()` gives the full transformers teacher; only called when IRS runs)."""
     if cfg.iva_layer == "none":
         return None, None
     if cfg.iva_layer != "auto":
@@ -110,8 +118,24 @@ def resolve_iva_layer(cfg: ExtractConfig, model, encoder: SampleEncoder, pad_id:
     samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
     if len(samples) < 2:
         raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
-    scores = compute_irs(model, samples, pad_id, cfg.batch_size, progress=True)
+    scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), [round(float(s), 6) for s in scores]
+
+
+def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype: torch.dtype) -> Callable:
+    """vLLM engine for the log-probs (started first: it claims its share of GPU memory) plus the HF
+    teacher cut after the IVA layer for saliency."""
+    from alignti.extract.vllm_backend import VllmEngine, VllmSignals
+
+    gc.collect()  # a full HF teacher loaded for IRS must be gone before vLLM sizes its memory
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    n = max(settings.top_k, settings.iva_top_k, settings.tpa_top_k)
+    engine = VllmEngine.create(cfg.teacher, n, cfg.dtype, cfg.max_length, cfg.vllm_gpu_memory)
+    cut = None
+    if settings.iva_layer is not None:
+        cut = load_model(cfg.teacher, device, dtype, text_layers=settings.iva_layer + 1)
+    return VllmSignals(engine, settings, cfg.image_root, load_config(cfg.teacher).image_token_id, cut)
 
 
 def worker_rows(data: str, worker: int, num_workers: int, limit: int | None) -> Iterator:
@@ -130,30 +154,26 @@ def run_extract(cfg: ExtractConfig) -> dict:
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    # The vLLM backend loads the full HF teacher only for IRS (then frees it).
+    model = load_model(cfg.teacher, device, dtype) if cfg.backend == "hf" else None
     processor = load_processor(cfg.teacher)
     pad_id = processor.tokenizer.pad_token_id
     encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
-    iva_layer, irs = resolve_iva_layer(cfg, model, encoder, pad_id)
+    teacher_config = load_config(cfg.teacher)
+    iva_layer, irs = resolve_iva_layer(cfg, teacher_config.get_text_config().num_hidden_layers,
+                                       lambda: model or load_model(cfg.teacher, device, dtype), encoder, pad_id)
     settings = CacheSettings(top_k=cfg.top_k, tpa_d=cfg.tpa_d, tpa_top_k=cfg.tpa_top_k, tpa_proposal=cfg.tpa_proposal,
                              tpa_max_positions=cfg.tpa_max_positions, iva_max_positions=cfg.iva_max_positions,
                              iva_top_k=cfg.iva_top_k, iva_layer=iva_layer, irs_scores=irs, seed=cfg.seed,
                              max_length=cfg.max_length)
     manifest = CacheManifest.create(fingerprint_model_dir(cfg.teacher), settings, extra={
         "data": str(Path(cfg.data).resolve()), "image_root": str(Path(cfg.image_root).resolve()),
-        "teacher": str(Path(cfg.teacher).resolve())})
+        "teacher": str(Path(cfg.teacher).resolve()), "backend": cfg.backend})
     writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
                               overwrite=cfg.overwrite, part_size=cfg.part_size)
-    if cfg.backend == "vllm":
-        from alignti.extract.vllm_backend import VllmTopK
-
-        del model  # vLLM loads its own copy of the weights
-        vllm = VllmTopK(cfg.teacher, settings, max_model_len=cfg.max_length)
-
-        def teacher(batch: Batch) -> list:
-            return vllm(batch, cfg.image_root)
-    else:
-        teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
+    teacher = (vllm_teacher(cfg, settings, device, dtype) if cfg.backend == "vllm"
+               else TeacherSignals(model, settings, pad_id, cfg.chunk_size))
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:
         committed, rejected = writer.committed_ids(), writer.rejected_source_ids()

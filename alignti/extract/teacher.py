@@ -44,8 +44,54 @@ def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[to
     return queries, keys
 
 
-def _empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    return np.zeros(shape, dtype=dtype)
+def plain_pass(model: PreTrainedModel, batch: Batch, iva_layer: int | None,
+               cache: DynamicCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's forward over the (right-padded) ground truth, with the attention probe at
+    `iva_layer`: (final hidden [B, T, H], saliency [B, n_v] normalised per sample, or None).
+
+    Also the saliency source of the vLLM backend, where `model` is the teacher cut after
+    `iva_layer` (its hidden states are then unused).
+    """
+    n_v = max(s.n_v for s in batch.samples)
+    probe_ctx = nullcontext(None)
+    if iva_layer is not None and n_v > 0:
+        queries, keys = probe_targets(batch.samples, n_v)
+        probe_ctx = probe_attention(model, [iva_layer], queries, keys)
+    with probe_ctx as probe:
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             pixel_values=batch.pixel_values, cache=cache, use_cache=cache is not None)[0]
+    return hidden, (probe.result(normalize=True)[iva_layer] if probe is not None else None)
+
+
+def salient_positions(saliency: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """The P most salient vision positions, most salient first. saliency: [n_v] -> int64 [min(P, n_v)]."""
+    return torch.topk(saliency, min(max_positions, saliency.shape[0])).indices
+
+
+def signals_from_parts(s: EncodedSample, p: dict, st: CacheSettings) -> SampleSignals:
+    """One sample's `SampleSignals` from its tensors (keys as filled by either backend; a
+    missing key is an empty signal of the right shape)."""
+    d, kt, kv = st.tpa_d, st.tpa_top_k, st.iva_top_k
+
+    def arr(t: torch.Tensor | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype) if t is None else t.detach().cpu().numpy().astype(dtype)
+
+    return SampleSignals(
+        sample_id=s.sample_id, source_id=s.source_id, image_path=s.image_path, image_sha256=s.image_sha256,
+        text_ids=s.text_ids, label_spans=s.label_spans, n_v=s.n_v, vision_start=s.vision_start,
+        resp_positions=arr(p["resp"], (0,), np.int32),
+        topk_ids=arr(p["topk_ids"], (0, st.top_k), np.int32),
+        topk_logprobs=arr(p["topk_lps"], (0, st.top_k), np.float32),
+        tpa_rows=arr(p.get("tpa_rows"), (0,), np.int32),
+        tpa_cand_ids=arr(p.get("cands"), (0, d), np.int32),
+        tpa_cand_logprobs=arr(p.get("cand_lps"), (0, d), np.float32),
+        tpa_topk_ids=arr(p.get("tpa_ids"), (0, d, kt), np.int32),
+        tpa_topk_logprobs=arr(p.get("tpa_lps"), (0, d, kt), np.float32),
+        saliency=arr(p.get("saliency"), (0,), np.float32),
+        iva_positions=arr(p.get("iva_pos"), (0,), np.int32),
+        iva_topk_ids=arr(p.get("iva_ids"), (0, kv), np.int32),
+        iva_topk_logprobs=arr(p.get("iva_lps"), (0, kv), np.float32),
+    )
 
 
 class TeacherSignals:
@@ -61,22 +107,12 @@ class TeacherSignals:
 
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> list[SampleSignals]:
-        st = self.settings
         batch = batch.to(self.model.device, self.model.dtype)
-        n_v = max(s.n_v for s in batch.samples)
-        use_iva = st.iva_layer is not None and n_v > 0
         cache = DynamicCache(config=self.model.config.get_text_config())
-        probe_ctx = nullcontext(None)
-        if use_iva:
-            queries, keys = probe_targets(batch.samples, n_v)
-            probe_ctx = probe_attention(self.model, [st.iva_layer], queries, keys)
-        with probe_ctx as probe:
-            hidden = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      pixel_values=batch.pixel_values, cache=cache, use_cache=True)[0]  # [B, T, H]
-        saliency = probe.result(normalize=True)[st.iva_layer] if use_iva else None  # [B, n_v]
+        hidden, saliency = plain_pass(self.model, batch, self.settings.iva_layer, cache)
         parts = [self._sample(b, s, hidden[b], saliency) for b, s in enumerate(batch.samples)]
         self._candidate_rows(batch, parts, cache)
-        return [self._finish(s, p) for s, p in zip(batch.samples, parts)]
+        return [signals_from_parts(s, p, self.settings) for s, p in zip(batch.samples, parts)]
 
     def _sample(self, b: int, s: EncodedSample, hidden: torch.Tensor, saliency: torch.Tensor | None) -> dict:
         """Signals read off the plain pass for one sample. hidden: [T, H]."""
@@ -97,8 +133,7 @@ class TeacherSignals:
                        cand_lps=gather_logprobs(hidden[resp[rows]], self.lm_head, cands, self.chunk_size))
         if saliency is not None and s.n_v:
             w = saliency[b, : s.n_v].float()
-            p = min(st.iva_max_positions, s.n_v)
-            pos = torch.topk(w, p).indices  # most salient first
+            pos = salient_positions(w, st.iva_max_positions)
             vids, vlps = topk_logprobs(hidden[s.vision_start + pos], self.lm_head, st.iva_top_k, self.chunk_size)
             out.update(saliency=w, iva_pos=pos, iva_ids=vids, iva_lps=vlps)
         return out
@@ -125,26 +160,3 @@ class TeacherSignals:
         for p, ids_b, lps_b in zip(parts, ids.view(n, d, -1).split(counts), lps.view(n, d, -1).split(counts)):
             p["tpa_ids"], p["tpa_lps"] = ids_b, lps_b
 
-    def _finish(self, s: EncodedSample, p: dict) -> SampleSignals:
-        st = self.settings
-        d, kt, kv = st.tpa_d, st.tpa_top_k, st.iva_top_k
-
-        def np32(t: torch.Tensor | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-            return _empty(shape, dtype) if t is None else t.detach().cpu().numpy().astype(dtype)
-
-        return SampleSignals(
-            sample_id=s.sample_id, source_id=s.source_id, image_path=s.image_path, image_sha256=s.image_sha256,
-            text_ids=s.text_ids, label_spans=s.label_spans, n_v=s.n_v, vision_start=s.vision_start,
-            resp_positions=np32(p["resp"], (0,), np.int32),
-            topk_ids=np32(p["topk_ids"], (0, st.top_k), np.int32),
-            topk_logprobs=np32(p["topk_lps"], (0, st.top_k), np.float32),
-            tpa_rows=np32(p.get("tpa_rows"), (0,), np.int32),
-            tpa_cand_ids=np32(p.get("cands"), (0, d), np.int32),
-            tpa_cand_logprobs=np32(p.get("cand_lps"), (0, d), np.float32),
-            tpa_topk_ids=np32(p.get("tpa_ids"), (0, d, kt), np.int32),
-            tpa_topk_logprobs=np32(p.get("tpa_lps"), (0, d, kt), np.float32),
-            saliency=np32(p.get("saliency"), (0,), np.float32),
-            iva_positions=np32(p.get("iva_pos"), (0,), np.int32),
-            iva_topk_ids=np32(p.get("iva_ids"), (0, kv), np.int32),
-            iva_topk_logprobs=np32(p.get("iva_lps"), (0, kv), np.float32),
-        )

@@ -1,14 +1,23 @@
-"""Optional vLLM backend for the response top-k signal of large teachers (`--backend vllm`).
+"""Optional vLLM backend for large teachers (`--backend vllm`): every Align-TI signal.
 
-vLLM returns, per prompt position i, a dict {token_id: Logprob(logprob, rank, decoded_token)}
-holding the top `prompt_logprobs` tokens predicting token i (ranks 1..k) plus the actual
-token i (any rank); entry 0 is None. Position t of our response rows predicts token t+1, so
-its row is entry t+1. vLLM cannot return attention weights and alignti does not route TPA
-candidate rows through it, so this backend writes the KD signal only: it refuses IVA and TPA
-settings with a clear message. `vllm` is imported lazily; core code and tests never need it.
+What comes from where:
+- response top-k, the IVA top-k_v rows at the salient vision positions, the TPA proposals and
+  their teacher log-probs: vLLM's prompt log-probs of the ground-truth sequence;
+- each TPA candidate's top-k_t row: one vLLM request per candidate, the prefix `y_<=t` plus the
+  candidate, with its next-token log-probs (what the ribbon's candidate row computes, as a
+  separate sequence; vLLM's prefix cache shares the prefix);
+- IVA saliency: the transformers attention probe (`teacher.plain_pass`) on the teacher cut
+  after the IVA layer, since vLLM cannot return attention weights.
 
-The end-to-end vLLM path is untested in CI (no GPU there); `prompt_logprobs_to_topk` is unit-
-tested with recorded structures of the documented shape.
+vLLM's documented structures: `RequestOutput.prompt_logprobs` is a list over prompt positions
+of `None | {token_id: Logprob(logprob, rank, decoded_token)}` with entry i predicting token i
+(entry 0 is None); each entry holds the top `prompt_logprobs` tokens (ranks 1..n) plus the
+actual token at any rank. `CompletionOutput.logprobs[0]` is the same kind of dict for the first
+generated token. Position t of our rows predicts token t+1, so its row is entry t+1.
+
+`vllm` is imported lazily; core code and tests never need it. The end-to-end vLLM path is
+untested in CI (no GPU there): the tests drive this module with a fake engine that implements
+the documented interface from a transformers model, and compare with the hf backend.
 """
 
 from __future__ import annotations
@@ -18,77 +27,168 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import PreTrainedModel
 
 from alignti.data.batching import Batch
 from alignti.data.corpus import load_image
 from alignti.data.encode import EncodedSample
 from alignti.errors import AlignTIError
+from alignti.extract.signals import choose_tpa_steps, propose_top
+from alignti.extract.teacher import plain_pass, salient_positions, signals_from_parts
 from alignti.storage.schema import CacheSettings, SampleSignals
 
+VLLM_DTYPES = {"auto": "auto", "fp32": "float32", "float32": "float32", "bf16": "bfloat16",
+               "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 
-def prompt_logprobs_to_topk(prompt_logprobs: Sequence[Mapping[int, Any] | None], positions: Sequence[int],
+LogprobEntry = Mapping[int, Any]  # {token_id: vllm Logprob}
+
+
+def ranked_row(entry: LogprobEntry | None, k: int, where: str) -> tuple[list[int], list[float]]:
+    """The k best (ids, log-probs) of one vLLM log-prob dict, by vLLM's rank (1 = most likely)."""
+    if entry is None:
+        raise AlignTIError(f"vLLM returned no log-probs at {where}")
+    ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+    if len(ranked) < k:
+        raise AlignTIError(f"vLLM returned {len(ranked)} ranked log-probs at {where}, need {k} "
+                           "(set max_logprobs >= top_k)")
+    return [tok for _, tok, _ in ranked[:k]], [lp for _, _, lp in ranked[:k]]
+
+
+def prompt_logprobs_to_topk(prompt_logprobs: Sequence[LogprobEntry | None], positions: Sequence[int],
                             k: int) -> tuple[np.ndarray, np.ndarray]:
-    """vLLM prompt log-probs -> (ids int32 [N, k], logprobs float32 [N, k]) at `positions`.
+    """vLLM prompt log-probs -> (ids int32 [N, k], logprobs float32 [N, k]) for the rows at `positions`.
 
-    Entries are ordered by vLLM's rank (1 = most likely); the actual prompt token, included by
-    vLLM even when its rank is > k, is dropped unless it is in the top k.
+    The actual prompt token, included by vLLM even when its rank is > k, is dropped unless it is
+    in the top k.
     """
     ids = np.zeros((len(positions), k), dtype=np.int32)
     lps = np.zeros((len(positions), k), dtype=np.float32)
     for row, t in enumerate(positions):
         entry = prompt_logprobs[t + 1] if t + 1 < len(prompt_logprobs) else None
-        if entry is None:
-            raise AlignTIError(f"vLLM returned no prompt log-probs for position {t + 1}")
-        ranked = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= k))
-        if len(ranked) < k:
-            raise AlignTIError(f"vLLM returned {len(ranked)} ranked log-probs at position {t + 1}, need {k} "
-                               "(set max_logprobs >= top_k)")
-        ids[row] = [tok for _, tok, _ in ranked[:k]]
-        lps[row] = [lp for _, _, lp in ranked[:k]]
+        ids[row], lps[row] = ranked_row(entry, k, f"prompt position {t + 1}")
     return ids, lps
 
 
+def token_logprob(entry: LogprobEntry, token: int, where: str) -> float:
+    """log p(token) from one vLLM dict (the actual prompt token is always there)."""
+    lp = entry.get(int(token))
+    if lp is None:
+        raise AlignTIError(f"vLLM returned no log-prob for token {token} at {where}")
+    return float(lp.logprob)
+
+
 def check_vllm_settings(settings: CacheSettings) -> None:
-    """The vLLM backend writes response top-k only."""
-    if settings.tpa_d or settings.iva_layer is not None:
-        raise AlignTIError("--backend vllm writes the KD signal only: pass --tpa-d 0 --iva-layer none, "
-                           "or use --backend hf for IVA and TPA")
+    """vLLM returns top-n log-probs only, so seeded draws from the full distribution are impossible."""
+    if settings.tpa_d and settings.tpa_proposal != "top":
+        raise AlignTIError("--backend vllm supports --tpa-proposal top only (vLLM returns top-n log-probs, "
+                           "not the full distribution that seeded draws need); use --backend hf for sample")
 
 
-class VllmTopK:
-    """Response top-k rows from a vLLM engine (GPU). Construct once per extraction."""
+class VllmEngine:
+    """The two requests alignti makes of a `vllm.LLM`; `sampling_params` is vLLM's SamplingParams."""
 
-    def __init__(self, teacher: str, settings: CacheSettings, dtype: str = "auto", max_model_len: int = 4096) -> None:
-        check_vllm_settings(settings)
+    def __init__(self, llm: Any, sampling_params: type) -> None:
+        self.llm = llm
+        self.sampling_params = sampling_params
+
+    @classmethod
+    def create(cls, teacher: str, max_logprobs: int, dtype: str, max_model_len: int, gpu_memory: float) -> VllmEngine:
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise AlignTIError("--backend vllm needs the optional extra: pip install 'alignti[vllm]'") from None
-        self.settings = settings
-        self.llm = LLM(model=teacher, dtype=dtype, max_model_len=max_model_len, max_logprobs=settings.top_k,
-                       limit_mm_per_prompt={"image": 1})
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=settings.top_k, temperature=1.0)
+        llm = LLM(model=teacher, dtype=VLLM_DTYPES.get(dtype, dtype), max_model_len=max_model_len,
+                  max_logprobs=max_logprobs, gpu_memory_utilization=gpu_memory, enable_prefix_caching=True,
+                  limit_mm_per_prompt={"image": 1})
+        return cls(llm, SamplingParams)
 
-    def __call__(self, batch: Batch, image_root: str) -> list[SampleSignals]:
-        """Signals for a batch; images are re-read from `image_root` (vLLM preprocesses them itself)."""
-        samples = batch.samples
-        images = [load_image(Path(image_root) / s.image_path).image if s.image_path else None for s in samples]
-        prompts = [{"prompt_token_ids": s.input_ids.tolist(), **({"multi_modal_data": {"image": im}} if im else {})}
-                   for s, im in zip(samples, images)]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        return [self._signals(s, out.prompt_logprobs) for s, out in zip(samples, outputs)]
+    def prompt_rows(self, prompts: list[dict], n: int) -> list[Sequence[LogprobEntry | None]]:
+        """Prompt log-probs (top n per position) of each prompt; the prompt must come back unchanged."""
+        params = self.sampling_params(max_tokens=1, prompt_logprobs=n, temperature=1.0)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs):
+            got = getattr(out, "prompt_token_ids", None)
+            if got is not None and list(got) != prompt["prompt_token_ids"]:
+                raise AlignTIError(f"vLLM changed the prompt ({len(prompt['prompt_token_ids'])} -> {len(got)} tokens): "
+                                   "its image expansion differs from the transformers processor's")
+        return [out.prompt_logprobs for out in outs]
 
-    def _signals(self, s: EncodedSample, prompt_logprobs: Sequence) -> SampleSignals:
-        k = self.settings.top_k
-        resp = s.resp_positions.numpy().astype(np.int32)
-        ids, lps = prompt_logprobs_to_topk(prompt_logprobs, resp.tolist(), k)
-        z = np.zeros
-        return SampleSignals(
-            sample_id=s.sample_id, source_id=s.source_id, image_path=s.image_path, image_sha256=s.image_sha256,
-            text_ids=s.text_ids, label_spans=s.label_spans, n_v=s.n_v, vision_start=s.vision_start,
-            resp_positions=resp, topk_ids=ids, topk_logprobs=lps, tpa_rows=z((0,), np.int32),
-            tpa_cand_ids=z((0, 0), np.int32), tpa_cand_logprobs=z((0, 0), np.float32),
-            tpa_topk_ids=z((0, 0, self.settings.tpa_top_k), np.int32),
-            tpa_topk_logprobs=z((0, 0, self.settings.tpa_top_k), np.float32), saliency=z((0,), np.float32),
-            iva_positions=z((0,), np.int32), iva_topk_ids=z((0, self.settings.iva_top_k), np.int32),
-            iva_topk_logprobs=z((0, self.settings.iva_top_k), np.float32))
+    def next_rows(self, prompts: list[dict], n: int) -> list[LogprobEntry]:
+        """Next-token log-probs (top n) after each prompt."""
+        params = self.sampling_params(max_tokens=1, logprobs=n, temperature=1.0)
+        return [out.outputs[0].logprobs[0] for out in self.llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _prompt(ids: list[int], image: Any) -> dict:
+    return {"prompt_token_ids": ids, **({"multi_modal_data": {"image": image}} if image is not None else {})}
+
+
+class VllmSignals:
+    """`SampleSignals` for batches from a vLLM engine plus, for IVA, the truncated HF teacher."""
+
+    def __init__(self, engine: VllmEngine, settings: CacheSettings, image_root: str, image_token_id: int,
+                 saliency_model: PreTrainedModel | None = None) -> None:
+        check_vllm_settings(settings)
+        if settings.iva_layer is not None and saliency_model is None:
+            raise AlignTIError("IVA with --backend vllm needs the transformers teacher cut after the IVA layer")
+        self.engine, self.settings, self.image_root = engine, settings, Path(image_root)
+        self.image_token_id = image_token_id
+        self.saliency_model = saliency_model
+
+    def __call__(self, batch: Batch) -> list[SampleSignals]:
+        st = self.settings
+        saliency = None
+        if st.iva_layer is not None:
+            model = self.saliency_model
+            with torch.inference_mode():
+                _, saliency = plain_pass(model, batch.to(model.device, model.dtype), st.iva_layer)  # [B, n_v]
+        # vLLM preprocesses the images itself from the decoded files.
+        images = [load_image(self.image_root / s.image_path).image if s.image_path else None for s in batch.samples]
+        n = max(st.top_k, st.iva_top_k if saliency is not None else 0)
+        rows = self.engine.prompt_rows([_prompt(s.input_ids.tolist(), im) for s, im in zip(batch.samples, images)], n)
+        parts = [self._sample(s, entries, None if saliency is None else saliency[b].float().cpu())
+                 for b, (s, entries) in enumerate(zip(batch.samples, rows))]
+        self._candidate_rows(batch.samples, images, parts)
+        return [signals_from_parts(s, p, st) for s, p in zip(batch.samples, parts)]
+
+    def _sample(self, s: EncodedSample, entries: Sequence[LogprobEntry | None], saliency: torch.Tensor | None) -> dict:
+        """Everything read off one sample's prompt log-probs (same keys as `TeacherSignals`)."""
+        st = self.settings
+        resp = s.resp_positions.cpu()
+        ids, lps = (torch.from_numpy(a) for a in prompt_logprobs_to_topk(entries, resp.tolist(), st.top_k))
+        p = {"resp": resp, "topk_ids": ids.long(), "topk_lps": lps}
+        if st.tpa_d > 0 and resp.numel():
+            targets = s.input_ids.cpu()[resp + 1]
+            target_lp = torch.tensor([token_logprob(entries[t + 1], y, f"prompt position {t + 1}")
+                                      for t, y in zip(resp.tolist(), targets.tolist())])
+            tpa_rows = choose_tpa_steps(target_lp, st.tpa_max_positions)
+            cands = propose_top(p["topk_ids"][tpa_rows], targets[tpa_rows], st.tpa_d, self.image_token_id)
+            cand_lps = torch.tensor([[token_logprob(entries[t + 1], c, f"prompt position {t + 1}") for c in row]
+                                     for t, row in zip(resp[tpa_rows].tolist(), cands.tolist())]).view(-1, st.tpa_d)
+            p.update(tpa_rows=tpa_rows, cands=cands, cand_lps=cand_lps)
+        if saliency is not None and s.n_v:
+            w = saliency[: s.n_v]
+            pos = salient_positions(w, st.iva_max_positions)
+            vids, vlps = prompt_logprobs_to_topk(entries, (s.vision_start + pos).tolist(), st.iva_top_k)
+            p.update(saliency=w, iva_pos=pos, iva_ids=torch.from_numpy(vids), iva_lps=torch.from_numpy(vlps))
+        return p
+
+    def _candidate_rows(self, samples: Sequence[EncodedSample], images: list, parts: list[dict]) -> None:
+        """One request per candidate: prefix y_<=t + a; its next-token top-k_t is the candidate's row."""
+        st = self.settings
+        prompts, counts = [], []
+        for s, image, p in zip(samples, images, parts):
+            steps = p["resp"][p["tpa_rows"]].tolist() if "cands" in p else []
+            for step, row in zip(steps, p["cands"].tolist() if steps else []):
+                prefix = s.input_ids[: step + 1].tolist()
+                prompts += [_prompt(prefix + [c], image) for c in row]
+            counts.append(len(steps))
+        if not prompts:
+            return
+        rows = [ranked_row(e, st.tpa_top_k, "a TPA candidate") for e in self.engine.next_rows(prompts, st.tpa_top_k)]
+        ids = torch.tensor([r[0] for r in rows]).view(-1, st.tpa_d, st.tpa_top_k)
+        lps = torch.tensor([r[1] for r in rows], dtype=torch.float32).view(-1, st.tpa_d, st.tpa_top_k)
+        for p, ids_b, lps_b in zip(parts, ids.split(counts), lps.split(counts)):
+            if "cands" in p:
+                p["tpa_ids"], p["tpa_lps"] = ids_b, lps_b

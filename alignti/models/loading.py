@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin,
+)
 
 from alignti.errors import AlignTIError
 
@@ -54,10 +56,30 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | dict | None = "sdpa",
     trust_remote_code: bool = False,
+    text_layers: int | None = None,
 ) -> PreTrainedModel:
-    """The LLaVA-style model in eval mode on `device`."""
+    """The LLaVA-style model in eval mode on `device`.
+
+    `text_layers` keeps only the first N decoder layers of the LM (weights of the others are
+    never loaded): the vLLM backend's saliency model needs the layers up to the IVA layer only.
+    """
     p = _check_dir(path, "model")
+    kw = {}
+    if text_layers is not None:
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+        text = config.get_text_config()
+        if not 1 <= text_layers <= text.num_hidden_layers:
+            raise AlignTIError(f"cannot keep {text_layers} of the model's {text.num_hidden_layers} LM layers")
+        text.num_hidden_layers = text_layers
+        if getattr(text, "layer_types", None) is not None:  # per-layer attention kinds must match the count
+            text.layer_types = text.layer_types[:text_layers]
+        kw["config"] = config
     model = AutoModelForImageTextToText.from_pretrained(
-        p, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        p, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kw
     )
     return model.to(device).eval()
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config alone (no weights loaded)."""
+    return AutoConfig.from_pretrained(_check_dir(path, "model"), trust_remote_code=trust_remote_code)

@@ -1,7 +1,5 @@
 """vLLM prompt log-probs -> our top-k rows, on recorded structures of vLLM's documented shape."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
@@ -9,13 +7,7 @@ from alignti.errors import AlignTIError
 from alignti.extract.run import ExtractConfig
 from alignti.extract.vllm_backend import check_vllm_settings, prompt_logprobs_to_topk
 from alignti.storage.schema import CacheSettings
-
-
-@dataclass
-class Logprob:  # vllm.logprobs.Logprob: logprob, rank (>= 1), decoded_token
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
+from tests.extract.fake_vllm import Logprob
 
 
 def recorded():
@@ -37,15 +29,16 @@ def test_rows_follow_rank_and_drop_actual_token_outside_topk():
 
 
 def test_missing_entries_are_errors():
-    with pytest.raises(AlignTIError, match="no prompt log-probs"):
+    with pytest.raises(AlignTIError, match="no log-probs at prompt position 4"):
         prompt_logprobs_to_topk(recorded(), positions=[3], k=2)
     with pytest.raises(AlignTIError, match="max_logprobs"):
         prompt_logprobs_to_topk(recorded(), positions=[0], k=3)
 
 
-def test_vllm_backend_refuses_iva_and_tpa():
-    with pytest.raises(AlignTIError, match="KD signal only"):
-        check_vllm_settings(CacheSettings(tpa_d=4))
-    with pytest.raises(AlignTIError, match="KD signal only"):
-        ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm")
-    ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm", tpa_d=0, iva_layer="none")
+def test_vllm_backend_refuses_sampled_proposals_only():
+    with pytest.raises(AlignTIError, match="tpa-proposal top only"):
+        check_vllm_settings(CacheSettings(tpa_d=4, tpa_proposal="sample"))
+    with pytest.raises(AlignTIError, match="tpa-proposal top only"):
+        ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm", tpa_proposal="sample")
+    check_vllm_settings(CacheSettings(tpa_d=0, tpa_proposal="sample"))
+    ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm")  # IVA + TPA (top) are fine
