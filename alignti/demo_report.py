@@ -45,7 +45,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: dict, extract: dict, irs: dict,
-                 saliency: dict, timings: dict[str, float], quick: bool) -> dict[str, Any]:
+                 saliency: dict, tower: dict, timings: dict[str, float], quick: bool) -> dict[str, Any]:
     """Write report.json and report.md into `work`; print the table; return the report."""
     rows = model_rows(models)
     report = {
@@ -56,6 +56,7 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
                   "bytes_per_response_token_by_signal": extract["bytes_per_response_token_by_signal"],
                   "samples": extract["cache_samples"], "response_tokens": extract["cache_response_tokens"],
                   "students_distilled_from_it": [r["name"] for r in rows if r["role"] == "student"]},
+        "vision_tower": tower,
         "irs": irs,
         "saliency": saliency,
         "timings": {**timings, "total": round(sum(timings.values()), 2)},
@@ -68,6 +69,8 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
         f"Every student was distilled from the one cache `{report['cache']['path']}` "
         f"(teacher weights {teacher_fp.get('weights', '')[:12]}), "
         f"{report['cache']['bytes_per_response_token']:.0f} bytes per response token.", "",
+        f"Vision tower: pretrained for {tower['steps']} steps on the corpus's object annotations (per-patch "
+        f"accuracy {tower['accuracy']}), then copied into the teacher and every student.",
         f"IVA layer (IRS): {irs['layer']} with scores {irs['scores']}.",
         f"Teacher saliency inside the asked-about object's box: {saliency['mean_mass_in_box']:.3f} of the mass, "
         f"vs the box's {saliency['mean_box_share']:.3f} share of the image ({saliency['samples']} test images).", "",

@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from alignti.demo import DEFAULT, DemoConfig, run_demo, train
+from alignti.demo import DEFAULT, DemoConfig, run_demo, train_config
+from alignti.distill.parallel import run_many
 from alignti.eval.run import EvalConfig, run_eval
 from alignti.models.assemble import AssembleConfig, run_assemble
 
@@ -32,19 +33,22 @@ RECIPES = {
 }
 
 
-def run_one(work: Path, demo: Path, size: str, recipe: str, seed: int, steps: int) -> float:
-    shapes = demo / "shapes"
+def run_config(work: Path, demo: Path, size: str, recipe: str, seed: int, steps: int):
+    """The distill config of one (recipe, seed) run; its initialisation depends on the seed only."""
     init = work / "init" / f"{size}-seed{seed}"
     if not (init / "config.json").exists():
         run_assemble(AssembleConfig(out=str(init), random=True, seed=seed + 1,
                                     tokenizer_from=str(demo / "init" / "teacher"), **DEFAULT.students[size]))
     sft, kd, iva, tpa = RECIPES[recipe]
-    out = work / "runs" / f"{size}-{recipe}-seed{seed}"
-    final = train(init, out, DEFAULT, steps, DEFAULT.student_lr, seed, cache=str(demo / "cache"), recipe="alignti",
-                  sft_weight=float(sft), kd_weight=float(kd), iva_weight=float(iva), tpa_weight=float(tpa),
-                  train="full", overwrite=True)
-    scores = run_eval(EvalConfig(out=str(work / "eval" / out.name), benchmark="shapes",
-                                 questions=str(shapes / "test.json"), image_root=str(shapes), model=str(final),
+    return train_config(init, work / "runs" / f"{size}-{recipe}-seed{seed}", DEFAULT, steps, DEFAULT.student_lr, seed,
+                        cache=str(demo / "cache"), recipe="alignti", sft_weight=float(sft), kd_weight=float(kd),
+                        iva_weight=float(iva), tpa_weight=float(tpa), train="full", overwrite=True)
+
+
+def evaluate(work: Path, demo: Path, final: str) -> float:
+    shapes = demo / "shapes"
+    scores = run_eval(EvalConfig(out=str(work / "eval" / Path(final).parent.name), benchmark="shapes",
+                                 questions=str(shapes / "test.json"), image_root=str(shapes), model=final,
                                  batch_size=32))
     return float(scores["score"])
 
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=DEFAULT.student_steps)
     ap.add_argument("--size", default="student-s", choices=sorted(DEFAULT.students))
     ap.add_argument("--out", default="bench/results/paper_table.json")
+    ap.add_argument("--jobs", type=int, default=2, help="distillations at once (one single-threaded process each)")
     args = ap.parse_args()
     work = Path(args.work)
     demo = Path(args.demo_dir) if args.demo_dir else work / "demo"
@@ -64,10 +69,12 @@ def main() -> None:
         run_demo(DemoConfig(workdir=str(demo)))
     t0 = time.time()
     acc: dict[str, list[float]] = {r: [] for r in RECIPES}
-    for seed in args.seeds:
-        for recipe in RECIPES:
-            acc[recipe].append(run_one(work, demo, args.size, recipe, seed, args.steps))
-            print(f"seed {seed} {recipe}: {acc[recipe][-1]:.2f}", flush=True)
+    runs = [(seed, recipe) for seed in args.seeds for recipe in RECIPES]
+    configs = [run_config(work, demo, args.size, recipe, seed, args.steps) for seed, recipe in runs]
+    summaries = run_many(configs, [f"{recipe} seed {seed}" for seed, recipe in runs], args.jobs)
+    for (seed, recipe), summary in zip(runs, summaries):
+        acc[recipe].append(evaluate(work, demo, summary["final"]))
+        print(f"seed {seed} {recipe}: {acc[recipe][-1]:.2f}", flush=True)
     table = {r: {"mean": statistics.mean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
              for r, v in acc.items()}
     rel = {f"alignti_vs_{b}_percent": 100 * (table["alignti"]["mean"] / table[b]["mean"] - 1)

@@ -1,0 +1,50 @@
+"""`alignti demo` end to end on a micro plan: every stage runs and report.json holds what the
+issue asks for (the real plans' accuracy is measured by running the demo, not in CI)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignti import demo
+from alignti.errors import AlignTIError
+
+_V = dict(vision_hidden=32, vision_layers=1, image_size=32, patch=16, vocab_size=320)
+MICRO = demo.DemoPlan(
+    n=60, teacher=dict(hidden=64, layers=2, heads=4, kv_heads=2, **_V),
+    students={"student-s": dict(hidden=32, layers=1, heads=2, kv_heads=1, **_V),
+              "student-m": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_V)},
+    tower_steps=20, teacher_steps=12, teacher_lr=1e-3, student_steps=4, student_lr=1e-3, batch_size=8,
+    irs_samples=8, pictures=2)
+
+
+def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "QUICK", MICRO)
+    work = tmp_path / "demo"
+    report = demo.run_demo(demo.DemoConfig(workdir=str(work), quick=True, jobs=2))
+    on_disk = json.loads((work / "report.json").read_text())
+    assert on_disk["cache"] == json.loads(json.dumps(report["cache"], default=str))
+    models = on_disk["models"]
+    assert [m["name"] for m in models] == ["teacher"] + [f"{s}-{r}" for s in MICRO.students for r in demo.RECIPES]
+    types = {"color", "shape", "position", "count", "existence"}
+    for m in models:
+        assert m["role"] in ("teacher", "student") and m["recipe"] in demo.RECIPES and m["params"] > 0
+        assert set(m["accuracy"]) == types | {"overall"}
+    cache = on_disk["cache"]
+    assert Path(cache["path"]) == (work / "cache").resolve() and cache["fingerprint"]["weights"]
+    assert cache["bytes_per_response_token"] > 0 and len(cache["students_distilled_from_it"]) == 6
+    for m in models[1:]:  # every student's training config names that one cache
+        run = json.loads((work / "students" / m["name"] / "distill.json").read_text())
+        assert Path(run["config"]["cache"]).resolve() == Path(cache["path"])
+    assert set(on_disk["timings"]) >= {"corpus", "vision_tower", "teacher_sft", "irs", "extract", "distill", "eval"}
+    assert on_disk["vision_tower"]["steps"] == 20
+    assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
+    assert (work / "report.md").read_text().count("![saliency]") == 2
+
+
+def test_demo_refuses_a_foreign_workdir(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(AlignTIError, match="not a demo workdir"):
+        demo.prepare_workdir(str(tmp_path))
+    with pytest.raises(AlignTIError, match="--jobs"):
+        demo.DemoConfig(jobs=0)
