@@ -37,7 +37,7 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
         run = json.loads((work / "students" / m["name"] / "distill.json").read_text())
         assert Path(run["config"]["cache"]).resolve() == Path(cache["path"])
     assert set(on_disk["timings"]) >= {"corpus", "vision_tower", "teacher_sft", "irs", "extract", "distill", "eval"}
-    assert on_disk["vision_tower"]["steps"] == 20
+    assert on_disk["vision_tower"]["steps"] == 20 and set(on_disk["vision_tower"]["accuracy"]) == {"color", "shape"}
     assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
     assert (work / "report.md").read_text().count("![saliency]") == 2
 

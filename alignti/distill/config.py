@@ -69,6 +69,8 @@ class DistillConfig:
     warmup_steps: int | None = field(default=None, metadata={"help": "warmup steps (overrides --warmup-ratio)"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of --lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    adam_beta2: float = field(default=0.999, metadata={
+        "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={
@@ -117,6 +119,8 @@ class DistillConfig:
             raise AlignTIError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise AlignTIError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise AlignTIError(f"--adam-beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise AlignTIError("--weight-decay and --max-grad-norm must be >= 0")
         if self.save_every < 0 or self.keep_checkpoints < 0:

@@ -4,8 +4,8 @@ Real Align-TI teachers and students start from a pretrained vision encoder (SigL
 demo has no hub, and a tower trained from scratch only through the answer tokens learns too
 slowly on a laptop (docs/results.md: about 40% held-out after 4 CPU minutes). So the demo first
 trains the tower alone, with linear heads on the features LLaVA feeds the projector, to tell each
-patch's object colour, shape and image quadrant from the shapes corpus's object annotations
-(fast: no language model, a few vision tokens). The heads are then dropped and the same tower is
+patch's object colour and shape (and, optionally, its image quadrant) from the shapes corpus's
+object annotations (fast: no language model, a few vision tokens). The heads are then dropped and the same tower is
 copied into the teacher and into every student, as a shared pretrained SigLIP would be.
 """
 
