@@ -64,7 +64,7 @@ DEFAULT = DemoPlan(
     n=5000, teacher=dict(hidden=128, layers=4, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION)},
-    tower_steps=2500, teacher_steps=3000, teacher_lr=4e-4, student_steps=500, student_lr=4e-4, batch_size=16,
+    tower_steps=2500, teacher_steps=3000, teacher_lr=4e-4, student_steps=1000, student_lr=4e-4, batch_size=16,
     irs_samples=128, pictures=6)
 QUICK = DemoPlan(
     n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),

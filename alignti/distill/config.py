@@ -23,7 +23,7 @@ LOSS_FIELDS = ("divergence", "jsd_beta", "tail", "tpa_weighting", "iva_target", 
 # Fields that may differ between a checkpoint and the command resuming it (they do not change
 # what is computed, only how long, how often it is saved or logged, and how it is shown).
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "epochs",
-                               "max_steps", "progress"})
+                               "max_steps", "progress", "example_memory_mb"})
 
 
 def _loss_field(name: str) -> Any:
@@ -69,6 +69,9 @@ class DistillConfig:
     warmup_steps: int | None = field(default=None, metadata={"help": "warmup steps (overrides --warmup-ratio)"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of --lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    example_memory_mb: int = field(default=512, metadata={
+        "help": "keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so "
+                "later epochs skip decoding and cache reads (0 = off)"})
     adam_beta2: float = field(default=0.999, metadata={
         "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -119,6 +122,8 @@ class DistillConfig:
             raise AlignTIError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise AlignTIError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.example_memory_mb < 0:
+            raise AlignTIError(f"--example-memory-mb must be >= 0, got {self.example_memory_mb}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise AlignTIError(f"--adam-beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -27,6 +27,7 @@ from alignti.data.corpus import (
     sample_content_id,
 )
 from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.distill.memo import ExampleMemo
 from alignti.errors import AlignTIError
 from alignti.storage.catalog import read_samples_columns
 from alignti.storage.reader import CacheReader
@@ -230,6 +231,7 @@ class ExampleSet(Sequence):
         self._cache_index = reader.index_of(sample_ids) if reader is not None else np.zeros(0, np.int64)
         self._teacher_n_v = np.asarray(teacher_n_v or [], dtype=np.int32)
         self._has_iva = np.asarray(has_iva or [], dtype=bool)
+        self.memo = ExampleMemo(0)  # see keep_in_memory
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -252,11 +254,22 @@ class ExampleSet(Sequence):
     def __getitem__(self, i: int) -> DistillExample:  # type: ignore[override]
         return self.get_many([i])[0]
 
+    def keep_in_memory(self, budget_bytes: int) -> None:
+        """Keep built examples (up to `budget_bytes` of tensors) for later epochs."""
+        self.memo = ExampleMemo(budget_bytes)
+
     def get_many(self, indices: Sequence[int]) -> list[DistillExample]:
-        """The examples at `indices`, encoded now; their signals read in one batched cache read."""
+        """The examples at `indices`: from the memo, or built now (signals in one batched cache read)."""
         idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
         if any(not 0 <= i < len(self) for i in idx):
             raise IndexError(f"example index out of range for {len(self)} examples")
+        missing = sorted({i for i in idx if i not in self.memo})
+        built = dict(zip(missing, self._build(missing))) if missing else {}
+        for i, ex in built.items():
+            self.memo.put(i, ex)
+        return [built[i] if i in built else self.memo[i] for i in idx]
+
+    def _build(self, idx: list[int]) -> list[DistillExample]:
         samples = [self._encode(i) for i in idx]
         if self.reader is None:
             return [DistillExample(s, None) for s in samples]

@@ -129,10 +129,13 @@ def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any
     (each micro-batch is encoded and its signals read when the loop reaches it)."""
     if reader is None:
         encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
-        return lazy_corpus_examples(cfg.data, encoder)
-    image_root = cfg.image_root or reader.manifest.extra.get("image_root")
-    encoder = SampleEncoder(processor, image_root, cfg.max_length)
-    return lazy_cache_examples(reader, encoder, cfg.data)
+        examples, rejects = lazy_corpus_examples(cfg.data, encoder)
+    else:
+        image_root = cfg.image_root or reader.manifest.extra.get("image_root")
+        encoder = SampleEncoder(processor, image_root, cfg.max_length)
+        examples, rejects = lazy_cache_examples(reader, encoder, cfg.data)
+    examples.keep_in_memory(cfg.example_memory_mb * 2**20)
+    return examples, rejects
 
 
 def freeze(model: torch.nn.Module, train: str) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 import alignti.data.corpus
 import alignti.data.encode
 from alignti.data.encode import SampleEncoder
-from alignti.distill import train
+from alignti.distill import memo, train
 from alignti.distill.config import DistillConfig
 from alignti.distill.dataset import (
     cache_examples, check_iva_compatible, corpus_examples, lazy_cache_examples, lazy_corpus_examples,
@@ -201,3 +201,32 @@ def test_training_is_identical_lazy_and_eager(tmp_path_factory, tmp_path, monkey
     assert strip(read_log(tmp_path / "lazy")) == strip(read_log(tmp_path / "eager"))
     a, b = weights(tmp_path / "lazy" / "final"), weights(tmp_path / "eager" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_examples_kept_in_memory_train_identically(tmp_path_factory, tmp_path):
+    w = world_of(tmp_path_factory)
+    base = dict(student=str(w.student), cache=str(w.cache), recipe="alignti", lr=1e-3, batch_size=3, max_steps=20,
+                save_every=0, progress=False, seed=7)  # 20 steps of 3 over 24 samples: 2.5 epochs
+    train.run_distill(DistillConfig(out=str(tmp_path / "mem"), **base))
+    train.run_distill(DistillConfig(out=str(tmp_path / "nomem"), example_memory_mb=0, **base))
+    drop = {"tokens_per_second", "elapsed"}
+    strip = lambda log: [{k: v for k, v in r.items() if k not in drop} for r in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "mem")) == strip(read_log(tmp_path / "nomem"))
+    a, b = weights(tmp_path / "mem" / "final"), weights(tmp_path / "nomem" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memory_budget_is_respected(world, monkeypatch):
+    examples, _ = lazy_cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)
+    one = memo.nbytes(examples[0])
+    examples.keep_in_memory(3 * one + one // 2)
+    calls = []
+    build = examples._build
+    monkeypatch.setattr(examples, "_build", lambda idx: calls.append(list(idx)) or build(idx))
+    first = examples.get_many([0, 1, 2, 3, 4])
+    assert len(examples.memo) == 3 and examples.memo.used <= 3 * one + one // 2
+    again = examples.get_many([0, 1, 2, 3, 4])
+    assert calls == [[0, 1, 2, 3, 4], [3, 4]]  # the kept three come from memory
+    assert all(x is y for x, y in zip(first[:3], again[:3]))
+    for x, y in zip(first, again):
+        assert_same_example(x, y)
