@@ -24,7 +24,7 @@ from alignti.distill.parallel import run_many
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.eval.saliency import box_mass, overlay, teacher_saliency
+from alignti.eval.saliency import box_mass, overlay, peak_in_box, teacher_saliency
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
@@ -70,7 +70,7 @@ QUICK = DemoPlan(
     n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION)},
-    tower_steps=1200, teacher_steps=1000, teacher_lr=6e-4, student_steps=200, student_lr=1e-3, batch_size=16,
+    tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, student_steps=250, student_lr=4e-4, batch_size=16,
     irs_samples=64, pictures=4)
 
 
@@ -192,6 +192,7 @@ def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, ou
     items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
     with_box = [it for it in items if it.box]
     masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
+    peaks = [peak_in_box(it.saliency, it.image_size, it.box) for it in with_box]
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, it in enumerate(with_box[:pictures]):
@@ -202,4 +203,6 @@ def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, ou
     n = max(len(masses), 1)
     return {"layer": layer, "samples": len(masses), "pictures": files,
             "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
-            "mean_box_share": round(sum(s for _, s in masses) / n, 4)}
+            "mean_box_share": round(sum(s for _, s in masses) / n, 4),
+            "peak_in_box_rate": round(sum(hit for hit, _ in peaks) / n, 4),
+            "peak_in_box_chance": round(sum(c for _, c in peaks) / n, 4)}

@@ -73,14 +73,17 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
         f"accuracy {tower['accuracy']}), then copied into the teacher and every student.",
         f"IVA layer (IRS): {irs['layer']} with scores {irs['scores']}.",
         f"Teacher saliency inside the asked-about object's box: {saliency['mean_mass_in_box']:.3f} of the mass, "
-        f"vs the box's {saliency['mean_box_share']:.3f} share of the image ({saliency['samples']} test images).", "",
+        f"vs the box's {saliency['mean_box_share']:.3f} share of the image ({saliency['samples']} test images); "
+        f"its peak falls on the object in {saliency['peak_in_box_rate']:.0%} of them "
+        f"(a random patch would in {saliency['peak_in_box_chance']:.0%}).", "",
         "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()), "",
         *[f"![saliency]({Path(p).relative_to(work)})" for p in saliency["pictures"]],
     ]
     (work / "report.md").write_text("\n".join(md) + "\n")
     print("\n" + table)
     print(f"\ncache: {report['cache']['path']}  ({report['cache']['bytes_per_response_token']:.0f} B/response token)")
-    print(f"saliency in box: {saliency['mean_mass_in_box']:.3f} vs box share {saliency['mean_box_share']:.3f}")
+    print(f"saliency in box: {saliency['mean_mass_in_box']:.3f} vs box share {saliency['mean_box_share']:.3f}; "
+          f"peak on the object {saliency['peak_in_box_rate']:.0%} (random patch {saliency['peak_in_box_chance']:.0%})")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))
     print(f"report: {work / 'report.md'}")
     return report

@@ -38,6 +38,7 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
         assert Path(run["config"]["cache"]).resolve() == Path(cache["path"])
     assert set(on_disk["timings"]) >= {"corpus", "vision_tower", "teacher_sft", "irs", "extract", "distill", "eval"}
     assert on_disk["vision_tower"]["steps"] == 20 and set(on_disk["vision_tower"]["accuracy"]) == {"color", "shape"}
+    assert 0 <= on_disk["saliency"]["peak_in_box_rate"] <= 1 and 0 < on_disk["saliency"]["peak_in_box_chance"] < 1
     assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
     assert (work / "report.md").read_text().count("![saliency]") == 2
 

@@ -2,7 +2,8 @@
 
 The saliency is the IVA weight vector alpha_{l*}(x) over the n_v vision tokens (a square grid
 of patches, row-major, as SigLIP emits them). `box_mass` measures the share of it inside an
-object's box; `overlay` draws it over the image with the question printed on the picture.
+object's box, `peak_in_box` whether its peak falls on the object; `overlay` draws it over the
+image with the question printed on the picture.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, floa
     w, h = size
     share = (box[2] - box[0]) * (box[3] - box[1]) / (w * h)
     return float((saliency.astype(np.float64) * frac).sum()), float(share)
+
+
+def peak_in_box(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[bool, float]:
+    """(whether the most salient patch overlaps the box, the share of patches that do: the chance
+    that a random patch would)."""
+    grid = int(round(math.sqrt(saliency.shape[0])))
+    touches = patch_overlap(grid, size, box) > 0
+    return bool(touches[int(np.argmax(saliency))]), float(touches.mean())
 
 
 def teacher_saliency(model, processor, data: str, image_root: str, layer: int, limit: int,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignti.eval.saliency import SaliencyItem, box_mass, overlay, patch_overlap
+from alignti.eval.saliency import SaliencyItem, box_mass, overlay, patch_overlap, peak_in_box
 
 
 def test_box_mass_whole_and_partial_patches():
@@ -24,3 +24,12 @@ def test_overlay_draws_picture(tmp_path):
     arr = np.asarray(pic)
     # the salient patch (row 1, col 1 of 4x4 -> pixels 32..64 of 128) is reddened
     assert arr[36 + 48, 48, 0] > 150 and arr[36 + 110, 110, 0] < 60
+
+
+def test_peak_in_box_by_hand():
+    sal = np.zeros(16, dtype=np.float32)
+    sal[5] = 1.0  # row 1, column 1 of a 4x4 grid: pixels [16, 32) x [16, 32) of a 64 px image
+    assert peak_in_box(sal, (64, 64), (20, 20, 30, 30)) == (True, 1 / 16)
+    assert peak_in_box(sal, (64, 64), (0, 0, 16, 16)) == (False, 1 / 16)
+    hit, chance = peak_in_box(sal, (64, 64), (10, 10, 40, 20))  # touches rows 0-1, columns 0-2
+    assert hit and chance == 6 / 16
