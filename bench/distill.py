@@ -43,9 +43,8 @@ from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import DistillConfig
 from alignti.distill.dataset import DistillExample, cache_examples
 from alignti.distill.losses import build_loss_config
-from alignti.distill.train import (
-    DistillObjective, build_optimizer, epoch_micro_batches, freeze, make_accelerator, optimizer_step,
-)
+from alignti.distill.order import epoch_micro_batches
+from alignti.distill.train import DistillObjective, build_optimizer, freeze, make_accelerator, optimizer_step
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import TeacherSignals
 from alignti.models.loading import load_model, load_processor

@@ -23,7 +23,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from alignti.data.batching import collate
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.distill.config import DistillConfig
-from alignti.distill.train import epoch_micro_batches, lr_factor, rank_share, run_distill, split_steps
+from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
+from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
