@@ -22,6 +22,8 @@ from alignti.demo import DEFAULT, DemoConfig, run_demo, train_config
 from alignti.distill.parallel import run_many
 from alignti.eval.run import EvalConfig, run_eval
 from alignti.models.assemble import AssembleConfig, run_assemble
+from alignti.models.loading import load_model
+from alignti.models.tower import copy_tower
 
 # name -> (sft, kd, iva, tpa) weights
 RECIPES = {
@@ -36,9 +38,10 @@ RECIPES = {
 def run_config(work: Path, demo: Path, size: str, recipe: str, seed: int, steps: int):
     """The distill config of one (recipe, seed) run; its initialisation depends on the seed only."""
     init = work / "init" / f"{size}-seed{seed}"
-    if not (init / "config.json").exists():
+    if not (init / "config.json").exists():  # a fresh LM per seed, with the demo's pretrained vision tower
         run_assemble(AssembleConfig(out=str(init), random=True, seed=seed + 1,
                                     tokenizer_from=str(demo / "init" / "teacher"), **DEFAULT.students[size]))
+        copy_tower(load_model(demo / "init" / "teacher"), [init])
     sft, kd, iva, tpa = RECIPES[recipe]
     return train_config(init, work / "runs" / f"{size}-{recipe}-seed{seed}", DEFAULT, steps, DEFAULT.student_lr, seed,
                         cache=str(demo / "cache"), recipe="alignti", sft_weight=float(sft), kd_weight=float(kd),
