@@ -70,7 +70,7 @@ QUICK = DemoPlan(
     n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION)},
-    tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, student_steps=250, student_lr=4e-4, batch_size=16,
+    tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, student_steps=300, student_lr=1e-3, batch_size=16,
     irs_samples=64, pictures=4)
 
 
