@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignti.errors import AlignTIError
-from alignti.storage.parts import fsync_path, parse_part_name, write_json_durable
+from alignti.storage.parts import LOCK_PREFIX, fsync_path, parse_part_name, write_json_durable
 from alignti.storage.schema import CACHE_JSON, PARTS_DIR, CacheManifest, manifest_differences
 
 SIBLING_GRACE_S = 600.0
@@ -61,10 +61,17 @@ def _require_same(existing: CacheManifest, ours: CacheManifest, root: Path, acti
                            f"(cache vs this run: {shown})")
 
 
+def _only_our_locks(p: Path) -> bool:
+    """A parts/ directory holding nothing but worker lock files: what a writer creates (to lock
+    its worker index) before cache.json exists, e.g. `--overwrite` on a new path."""
+    return p.name == PARTS_DIR and p.is_dir() and all(c.name.startswith(LOCK_PREFIX) for c in p.iterdir())
+
+
 def check_root_is_ours(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise AlignTIError(f"{root} exists and is not a directory")
-    leftovers = [p for p in root.iterdir() if not p.name.startswith(f".{CACHE_JSON}.")] if root.is_dir() else []
+    leftovers = [p for p in root.iterdir() if not p.name.startswith(f".{CACHE_JSON}.") and not _only_our_locks(p)
+                 ] if root.is_dir() else []
     if leftovers and not (root / CACHE_JSON).exists():
         raise AlignTIError(f"{root} exists, is not empty and is not an alignti cache (no {CACHE_JSON}); "
                            f"refusing to write into it")

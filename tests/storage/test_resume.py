@@ -200,3 +200,15 @@ def test_multi_worker_overwrite(tmp_path, samples):
     r = CacheReader.open(str(root))
     assert sorted(r.sample_ids) == sorted([samples[10].sample_id, samples[11].sample_id])
     assert r.manifest.settings == SETTINGS and [p.name for p in r.parts] == ["w0000-000000", "w0001-000000"]
+
+
+def test_overwrite_on_a_new_path_creates_the_cache(tmp_path, samples):
+    """`extract --overwrite` on a path that does not exist yet (a fresh run with the same command)."""
+    root = tmp_path / "new" / "c"
+    with open_w(root, overwrite=True) as w:
+        w.add(samples[0])
+    assert CacheReader.open(str(root)).sample_ids == [samples[0].sample_id]
+    (tmp_path / "foreign" / "parts").mkdir(parents=True)
+    (tmp_path / "foreign" / "parts" / "mine.txt").write_text("not a lock")
+    with pytest.raises(AlignTIError, match="not an alignti cache"):
+        open_w(tmp_path / "foreign", overwrite=True)
