@@ -2,8 +2,9 @@
 2-core laptop): one progress bar over all their steps, one line per finished run.
 
 Each run is `python -m alignti.distill.train '<DistillConfig as JSON>'` with `threads` torch
-threads; its stderr (warnings, tracebacks) goes to `<out>.log` beside its output directory. Tiny models gain nothing
-from intra-op threads, so N single-threaded runs on N cores finish about N times sooner.
+threads; its stderr (warnings, tracebacks) goes to `<out>.log` beside its output directory.
+Tiny models gain nothing from intra-op threads, so N single-threaded runs on N cores finish about
+N times sooner.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -28,12 +30,16 @@ def _log_path(cfg: DistillConfig) -> Path:
     return out.parent / f"{out.name}.log"
 
 
-def _start(cfg: DistillConfig, threads: int) -> subprocess.Popen:
+def _start(cfg: DistillConfig, threads: int) -> tuple[subprocess.Popen, IO[str]]:
+    """The run's process and its open stderr log (closed by the caller when the run ends)."""
     _log_path(cfg).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     payload = json.dumps(dataclasses.asdict(dataclasses.replace(cfg, progress=False)))
-    return subprocess.Popen([sys.executable, "-m", "alignti.distill.train", payload], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=open(_log_path(cfg), "w"))
+    log = open(_log_path(cfg), "w")
+    # stdout carries a start-up line and the JSON summary only: small enough for the pipe buffer.
+    proc = subprocess.Popen([sys.executable, "-m", "alignti.distill.train", payload], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=log)
+    return proc, log
 
 
 def _steps_done(cfg: DistillConfig) -> int:
@@ -46,28 +52,35 @@ def _steps_done(cfg: DistillConfig) -> int:
 
 def run_many(configs: list[DistillConfig], names: list[str], jobs: int, threads: int = 1) -> list[dict]:
     """Run every config, `jobs` at a time; returns their summaries in order. A failed run raises
-    with the tail of its stderr log."""
+    with the tail of its stderr log (the runs still going are stopped first)."""
     pending, running, results = list(range(len(configs))), {}, [None] * len(configs)
     bar = tqdm(total=sum(c.max_steps or 0 for c in configs) or None, desc="distill", unit="step", dynamic_ncols=True)
     done_steps = 0
-    while pending or running:
-        while pending and len(running) < max(1, jobs):
-            i = pending.pop(0)
-            running[i] = (_start(configs[i], threads), time.time())
-        time.sleep(0.5)
-        for i, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            out = proc.stdout.read()
-            del running[i]
-            if proc.returncode != 0:
-                tail = _log_path(configs[i]).read_text(errors="replace").strip().splitlines()[-3:]
-                raise AlignTIError(f"distillation {names[i]} failed (exit {proc.returncode}): {' | '.join(tail)}")
-            results[i] = json.loads(out.strip().splitlines()[-1])
-            done_steps += results[i]["steps"]
-            tqdm.write(f"  {names[i]}: {results[i]['steps']} steps in {time.time() - t0:.1f}s, "
-                       f"final loss {results[i]['final_losses'].get('loss', float('nan')):.3f}")
-        bar.n = done_steps + sum(_steps_done(configs[i]) for i in running)
-        bar.refresh()
-    bar.close()
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                i = pending.pop(0)
+                running[i] = (*_start(configs[i], threads), time.time())
+            time.sleep(0.5)
+            for i, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                out = proc.stdout.read()
+                log.close()
+                del running[i]
+                if proc.returncode != 0:
+                    tail = _log_path(configs[i]).read_text(errors="replace").strip().splitlines()[-3:]
+                    raise AlignTIError(f"distillation {names[i]} failed (exit {proc.returncode}): {' | '.join(tail)}")
+                results[i] = json.loads(out.strip().splitlines()[-1])
+                done_steps += results[i]["steps"]
+                tqdm.write(f"  {names[i]}: {results[i]['steps']} steps in {time.time() - t0:.1f}s, "
+                           f"final loss {results[i]['final_losses'].get('loss', float('nan')):.3f}")
+            bar.n = done_steps + sum(_steps_done(configs[i]) for i in running)
+            bar.refresh()
+    finally:
+        for proc, log, _ in running.values():  # only after a failure or an interrupt
+            proc.kill()
+            proc.wait()
+            log.close()
+        bar.close()
     return results
