@@ -26,8 +26,9 @@ from alignti.errors import AlignTIError
 from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import TeacherSignals
+from alignti.extract.vllm_backend import VllmEngine, VllmSignals, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor, resolve_device, load_config, resolve_dtype
+from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
@@ -82,8 +83,8 @@ class ExtractConfig:
         if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
             raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
         parse_worker(self.worker)
-        if self.backend == "vllm" and self.tpa_d and self.tpa_proposal != "top":
-            raise AlignTIError("--backend vllm supports --tpa-proposal top only (vLLM returns top-n log-probs)")
+        if self.backend == "vllm":
+            check_vllm_settings(self.tpa_d, self.tpa_proposal)
         if not 0.0 < self.vllm_gpu_memory < 1.0:
             raise AlignTIError("--vllm-gpu-memory must be in (0, 1)")
 
@@ -122,11 +123,10 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     return choose_layer(scores), [round(float(s), 6) for s in scores]
 
 
-def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype: torch.dtype) -> Callable:
+def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype: torch.dtype,
+                 image_token_id: int) -> Callable:
     """vLLM engine for the log-probs (started first: it claims its share of GPU memory) plus the HF
     teacher cut after the IVA layer for saliency."""
-    from alignti.extract.vllm_backend import VllmEngine, VllmSignals
-
     gc.collect()  # a full HF teacher loaded for IRS must be gone before vLLM sizes its memory
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -135,7 +135,7 @@ def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype
     cut = None
     if settings.iva_layer is not None:
         cut = load_model(cfg.teacher, device, dtype, text_layers=settings.iva_layer + 1)
-    return VllmSignals(engine, settings, cfg.image_root, load_config(cfg.teacher).image_token_id, cut)
+    return VllmSignals(engine, settings, cfg.image_root, image_token_id, cut)
 
 
 def worker_rows(data: str, worker: int, num_workers: int, limit: int | None) -> Iterator:
@@ -172,8 +172,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
         "teacher": str(Path(cfg.teacher).resolve()), "backend": cfg.backend})
     writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
                               overwrite=cfg.overwrite, part_size=cfg.part_size)
-    teacher = (vllm_teacher(cfg, settings, device, dtype) if cfg.backend == "vllm"
-               else TeacherSignals(model, settings, pad_id, cfg.chunk_size))
+    if cfg.backend == "vllm":
+        teacher = vllm_teacher(cfg, settings, device, dtype, teacher_config.image_token_id)
+    else:
+        teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:
         committed, rejected = writer.committed_ids(), writer.rejected_source_ids()

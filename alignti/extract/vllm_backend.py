@@ -78,9 +78,9 @@ def token_logprob(entry: LogprobEntry, token: int, where: str) -> float:
     return float(lp.logprob)
 
 
-def check_vllm_settings(settings: CacheSettings) -> None:
+def check_vllm_settings(tpa_d: int, tpa_proposal: str) -> None:
     """vLLM returns top-n log-probs only, so seeded draws from the full distribution are impossible."""
-    if settings.tpa_d and settings.tpa_proposal != "top":
+    if tpa_d and tpa_proposal != "top":
         raise AlignTIError("--backend vllm supports --tpa-proposal top only (vLLM returns top-n log-probs, "
                            "not the full distribution that seeded draws need); use --backend hf for sample")
 
@@ -129,7 +129,7 @@ class VllmSignals:
 
     def __init__(self, engine: VllmEngine, settings: CacheSettings, image_root: str, image_token_id: int,
                  saliency_model: PreTrainedModel | None = None) -> None:
-        check_vllm_settings(settings)
+        check_vllm_settings(settings.tpa_d, settings.tpa_proposal)
         if settings.iva_layer is not None and saliency_model is None:
             raise AlignTIError("IVA with --backend vllm needs the transformers teacher cut after the IVA layer")
         self.engine, self.settings, self.image_root = engine, settings, Path(image_root)

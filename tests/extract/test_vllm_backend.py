@@ -80,7 +80,9 @@ def test_vllm_backend_equals_hf_backend(world, tmp_path, fake_engine):
 
 def test_saliency_model_is_cut_after_the_iva_layer(world, tmp_path, fake_engine):
     settings = CacheSettings(top_k=8, tpa_d=2, tpa_top_k=4, iva_layer=1, iva_top_k=4)
-    signals = vllm_teacher(cfg(world, tmp_path / "c", backend="vllm"), settings, "cpu", load_model(world[1]).dtype)
+    teacher = load_model(world[1])
+    signals = vllm_teacher(cfg(world, tmp_path / "c", backend="vllm"), settings, "cpu", teacher.dtype,
+                           teacher.config.image_token_id)
     assert len(signals.saliency_model.model.language_model.layers) == 2  # layers 0..1 of 3
 
 

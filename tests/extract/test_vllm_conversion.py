@@ -6,7 +6,6 @@ import pytest
 from alignti.errors import AlignTIError
 from alignti.extract.run import ExtractConfig
 from alignti.extract.vllm_backend import check_vllm_settings, prompt_logprobs_to_topk
-from alignti.storage.schema import CacheSettings
 from tests.extract.fake_vllm import Logprob
 
 
@@ -37,8 +36,8 @@ def test_missing_entries_are_errors():
 
 def test_vllm_backend_refuses_sampled_proposals_only():
     with pytest.raises(AlignTIError, match="tpa-proposal top only"):
-        check_vllm_settings(CacheSettings(tpa_d=4, tpa_proposal="sample"))
+        check_vllm_settings(tpa_d=4, tpa_proposal="sample")
     with pytest.raises(AlignTIError, match="tpa-proposal top only"):
         ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm", tpa_proposal="sample")
-    check_vllm_settings(CacheSettings(tpa_d=0, tpa_proposal="sample"))
+    check_vllm_settings(tpa_d=0, tpa_proposal="sample")
     ExtractConfig(teacher="t", data="d", image_root="r", out="o", backend="vllm")  # IVA + TPA (top) are fine
