@@ -17,15 +17,13 @@ import torch
 
 
 def nbytes(obj: Any) -> int:
-    """Bytes of the tensors and arrays an example holds (dataclass fields, two levels deep)."""
+    """Bytes of the tensors and arrays an example holds (through nested dataclass fields)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
     if dataclasses.is_dataclass(obj):
-        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                   if isinstance(getattr(obj, f.name), (torch.Tensor, np.ndarray)) or
-                   dataclasses.is_dataclass(getattr(obj, f.name)))
+        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return 0
 
 
