@@ -181,9 +181,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                               batch_size=32))
     with stage("saliency"):
         sal = saliency_pictures(teacher, test_json, shapes, irs["layer"], work / "saliency", plan.pictures)
-    report = write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, tower_result, stage.seconds,
-                          cfg.quick)
-    return report
+    return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, tower_result,
+                        stage.seconds, cfg.quick)
 
 
 def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:

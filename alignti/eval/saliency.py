@@ -52,7 +52,8 @@ def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, floa
     return float((saliency.astype(np.float64) * frac).sum()), float(share)
 
 
-def peak_in_box(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[bool, float]:
+def peak_in_box(saliency: np.ndarray, size: tuple[int, int],
+                box: tuple[float, float, float, float]) -> tuple[bool, float]:
     """(whether the most salient patch overlaps the box, the share of patches that do: the chance
     that a random patch would)."""
     grid = int(round(math.sqrt(saliency.shape[0])))
