@@ -66,7 +66,7 @@ def load_model(
     p = _check_dir(path, "model")
     kw = {}
     if text_layers is not None:
-        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+        config = load_config(p, trust_remote_code)
         text = config.get_text_config()
         if not 1 <= text_layers <= text.num_hidden_layers:
             raise AlignTIError(f"cannot keep {text_layers} of the model's {text.num_hidden_layers} LM layers")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from alignti.data.corpus import Reject, load_image, read_corpus
 from alignti.data.shapes_render import COLORS, POSITIONS, SHAPES
 from alignti.errors import AlignTIError
+from alignti.eval.saliency import patch_overlap
 from alignti.models.loading import load_model
 
 # Head name -> classes; class 0 of colour and shape is "no object in this patch".
@@ -35,19 +36,15 @@ def patch_labels(objects: list[dict], image_size: int, grid: int) -> dict[str, t
     it (objects never share a quadrant, so at most one does) and with the quadrant it lies in.
     Returns {head: int64 [grid * grid]}.
     """
-    side = image_size / grid
     color = torch.zeros(grid * grid, dtype=torch.long)
     shape = torch.zeros(grid * grid, dtype=torch.long)
-    quadrant = torch.zeros(grid * grid, dtype=torch.long)
-    names_c, names_s = list(COLORS), list(SHAPES)
-    for i in range(grid * grid):
-        r, c = divmod(i, grid)
-        x0, y0 = c * side, r * side
-        quadrant[i] = int(x0 + side / 2 >= image_size / 2) + 2 * int(y0 + side / 2 >= image_size / 2)
-        for o in objects:
-            bx0, by0, bx1, by1 = o["box"]
-            if min(bx1, x0 + side) > max(bx0, x0) and min(by1, y0 + side) > max(by0, y0):
-                color[i], shape[i] = 1 + names_c.index(o["color"]), 1 + names_s.index(o["shape"])
+    for o in objects:
+        touched = torch.from_numpy(patch_overlap(grid, (image_size, image_size), tuple(o["box"])) > 0)
+        color[touched] = 1 + list(COLORS).index(o["color"])
+        shape[touched] = 1 + list(SHAPES).index(o["shape"])
+    # quadrant of each patch centre: column half + 2 * row half
+    half = (torch.arange(grid) * 2 + 1 >= grid).long()  # [grid]: centre in the right/bottom half
+    quadrant = (half[None, :] + 2 * half[:, None]).reshape(-1)
     return {"color": color, "shape": shape, "quadrant": quadrant}
 
 
