@@ -45,9 +45,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: dict, extract: dict, irs: dict,
-                 saliency: dict, tower: dict, timings: dict[str, float], quick: bool) -> dict[str, Any]:
-    """Write report.json and report.md into `work`; print the table; return the report."""
+                 saliency: dict, setup: dict, timings: dict[str, float], quick: bool) -> dict[str, Any]:
+    """Write report.json and report.md into `work`; print the table; return the report.
+
+    setup: {"vision_tower": {"steps", "accuracy"}, "teacher_training": {"steps", "lr", "ground_weight",
+    "ground_layer"}}.
+    """
     rows = model_rows(models)
+    tower, teaching = setup["vision_tower"], setup["teacher_training"]
     report = {
         "quick": quick,
         "models": rows,
@@ -57,6 +62,7 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
                   "samples": extract["cache_samples"], "response_tokens": extract["cache_response_tokens"],
                   "students_distilled_from_it": [r["name"] for r in rows if r["role"] == "student"]},
         "vision_tower": tower,
+        "teacher_training": teaching,
         "irs": irs,
         "saliency": saliency,
         "timings": {**timings, "total": round(sum(timings.values()), 2)},
@@ -71,6 +77,9 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
         f"{report['cache']['bytes_per_response_token']:.0f} bytes per response token.", "",
         f"Vision tower: pretrained for {tower['steps']} steps on the corpus's object annotations (per-patch "
         f"accuracy {tower['accuracy']}), then copied into the teacher and every student.",
+        f"Teacher: {teaching['steps']} SFT steps with the grounding term (weight {teaching['ground_weight']}, "
+        f"layer {teaching['ground_layer']}: its instruction-to-vision attention trained toward the asked-about "
+        f"objects' boxes, so it looks where it is asked, as IVA presumes of a large pretrained teacher).",
         f"IVA layer (IRS): {irs['layer']} with scores {irs['scores']}.",
         f"Teacher saliency inside the asked-about object's box: {saliency['mean_mass_in_box']:.3f} of the mass, "
         f"vs the box's {saliency['mean_box_share']:.3f} share of the image ({saliency['samples']} test images); "

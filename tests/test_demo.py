@@ -14,7 +14,7 @@ MICRO = demo.DemoPlan(
     n=60, teacher=dict(hidden=64, layers=2, heads=4, kv_heads=2, **_V),
     students={"student-s": dict(hidden=32, layers=1, heads=2, kv_heads=1, **_V),
               "student-m": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_V)},
-    tower_steps=20, teacher_steps=12, teacher_lr=1e-3, student_steps=4, student_lr=1e-3, batch_size=8,
+    tower_steps=20, teacher_steps=12, teacher_lr=1e-3, ground_weight=0.3, student_steps=4, student_lr=1e-3, batch_size=8,
     irs_samples=8, pictures=2)
 
 
@@ -38,6 +38,9 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
         assert Path(run["config"]["cache"]).resolve() == Path(cache["path"])
     assert set(on_disk["timings"]) >= {"corpus", "vision_tower", "teacher_sft", "irs", "extract", "distill", "eval"}
     assert on_disk["vision_tower"]["steps"] == 20 and set(on_disk["vision_tower"]["accuracy"]) == {"color", "shape"}
+    assert on_disk["teacher_training"] == {"steps": 12, "lr": 1e-3, "ground_weight": 0.3, "ground_layer": 1}
+    teacher_log = [json.loads(line) for line in (work / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert all("ground" in r for r in teacher_log)  # the grounding term trained the teacher
     assert 0 <= on_disk["saliency"]["peak_in_box_rate"] <= 1 and 0 < on_disk["saliency"]["peak_in_box_chance"] < 1
     assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
     assert (work / "report.md").read_text().count("![saliency]") == 2

@@ -41,6 +41,7 @@ class EncodedSample:
     n_v: int  # vision tokens per image (0 for text-only)
     label_spans: np.ndarray  # int32 [S, 2] half-open ranges of labelled tokens
     extra: dict
+    image_size: tuple[int, int] | None = None  # the original image's (width, height): boxes are in its pixels
 
     @property
     def length(self) -> int:
@@ -181,6 +182,7 @@ class SampleEncoder:
             labels=torch.from_numpy(labels), vision_positions=torch.from_numpy(vision.astype(np.int64)),
             instruction_positions=torch.from_numpy(new_pos[in_instr].astype(np.int64)),
             pixel_values=pixel_values, n_v=n_v, label_spans=label_spans, extra=row.extra,
+            image_size=image.image.size if image else None,
         )
 
 

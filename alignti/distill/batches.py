@@ -22,6 +22,7 @@ import torch
 
 from alignti.data.batching import collate
 from alignti.distill.dataset import DistillExample
+from alignti.distill.grounding import grounding_target
 from alignti.distill.losses import LossConfig
 from alignti.errors import AlignTIError
 from alignti.extract.ribbon import build_ribbon
@@ -36,7 +37,7 @@ class DistillBatch:
 
     W: padded width (max T_b plain; max T_b + n_b * d ribbon). N: response rows (positions whose
     next token is labelled); k, k_v, k_t: teacher top-k widths; M: salient vision rows; S: samples
-    with saliency (iva_target=attention); N_c: TPA steps, d candidates each. A term whose weight
+    with saliency (iva_target=attention); S_g: samples with a grounding target; N_c: TPA steps, d candidates each. A term whose weight
     is 0 (or that has no data) has zero rows.
     """
 
@@ -58,6 +59,8 @@ class DistillBatch:
     attn_keys: tuple[torch.Tensor, ...]  # B x long [n_v] probe key (vision) positions
     attn_saliency: torch.Tensor  # fp32 [S, n_v] cached saliency of the samples in attn_sample
     attn_sample: torch.Tensor  # long [S]
+    ground_target: torch.Tensor  # fp32 [S_g, n_v] box-annotation target (grounding) of ground_sample
+    ground_sample: torch.Tensor  # long [S_g]
     tpa_rows: torch.Tensor  # long [N_c * d] flat rows of the candidates, step-major
     tpa_ids: torch.Tensor  # long [N_c * d, k_t] teacher top-k_t of p_T(.|y_<=t, a)
     tpa_logprobs: torch.Tensor  # fp32 [N_c * d, k_t]
@@ -75,7 +78,8 @@ class DistillBatch:
         return self.position_ids is not None
 
     def counts(self) -> dict[str, float]:
-        """{"sft": labelled targets, "kd": response rows, "iva": samples with IVA rows, "tpa": TPA steps}.
+        """{"sft": labelled targets, "kd": response rows, "iva": samples with IVA rows, "tpa": TPA steps,
+        "ground": samples with a grounding target}.
 
         Equal to the counts the loss functions return for this batch; known before the forward.
         """
@@ -173,21 +177,32 @@ def _iva_rows(examples: list[DistillExample], lay: dict, enabled: bool) -> dict:
             "iva_ids": _cat(ids, (0, kv), _LONG), "iva_logprobs": _cat(lps, (0, kv), torch.float32)}
 
 
-def _attention_targets(examples: list[DistillExample], lay: dict, enabled: bool) -> dict:
-    """IVA (attention target): probe queries/keys for every sample, saliency of those that have it."""
-    chosen = [b for b, e in enumerate(examples) if enabled and e.signals is not None and e.signals.saliency.size]
-    if not chosen:
-        return {"attn_queries": (), "attn_keys": (), "attn_saliency": torch.zeros(0, 0), "attn_sample":
-                torch.zeros(0, dtype=_LONG)}
-    for b in chosen:
-        _require_same_grid(examples[b])
+def _probe_positions(examples: list[DistillExample], lay: dict, enabled: bool) -> dict:
+    """Probe queries (instruction tokens) and keys (vision tokens) of every sample, W coordinates."""
+    if not enabled:
+        return {"attn_queries": (), "attn_keys": ()}
     n_v = max(e.student.n_v for e in examples)
     queries, keys = probe_targets(tuple(e.student for e in examples), n_v)  # the teacher's own rule
     gt = lay["gt"]
     return {"attn_queries": tuple(gt[b, q] for b, q in enumerate(queries)),
-            "attn_keys": tuple(gt[b, k] if examples[b].student.n_v else k for b, k in enumerate(keys)),
-            "attn_saliency": torch.from_numpy(np.stack([examples[b].signals.saliency for b in chosen])).float(),
-            "attn_sample": torch.tensor(chosen, dtype=_LONG)}
+            "attn_keys": tuple(gt[b, k] if examples[b].student.n_v else k for b, k in enumerate(keys))}
+
+
+def _attention_targets(examples: list[DistillExample], enabled: bool) -> dict:
+    """IVA (attention target): cached saliency of the samples that have it."""
+    chosen = [b for b, e in enumerate(examples) if enabled and e.signals is not None and e.signals.saliency.size]
+    for b in chosen:
+        _require_same_grid(examples[b])
+    return {"attn_saliency": torch.from_numpy(np.stack([examples[b].signals.saliency for b in chosen])).float()
+            if chosen else torch.zeros(0, 0), "attn_sample": torch.tensor(chosen, dtype=_LONG)}
+
+
+def _ground_targets(examples: list[DistillExample], enabled: bool) -> dict:
+    """Grounding: box-annotation targets [S_g, n_v] of the samples that have one."""
+    targets = [grounding_target(e.student) for e in examples] if enabled else []
+    chosen = [b for b, t in enumerate(targets) if t is not None]
+    return {"ground_target": torch.from_numpy(np.stack([targets[b] for b in chosen])) if chosen
+            else torch.zeros(0, 0), "ground_sample": torch.tensor(chosen, dtype=_LONG)}
 
 
 def _require_same_grid(e: DistillExample) -> None:
@@ -213,7 +228,8 @@ def _counts(parts: dict, weights: dict[str, float], attention: bool) -> dict[str
     """Counts by the loss functions' rules (kd: rows; iva: samples with rows; tpa: steps with a real candidate)."""
     iva = float(parts["attn_sample"].numel()) if attention else float(parts["iva_sample"].unique().numel())
     tpa = float(torch.isfinite(parts["tpa_cand_logprobs"]).any(-1).sum()) if weights["tpa"] > 0 else 0.0
-    return {"sft": float(parts["resp_rows"].numel()), "kd": float(parts["kd_ids"].shape[0]), "iva": iva, "tpa": tpa}
+    return {"sft": float(parts["resp_rows"].numel()), "kd": float(parts["kd_ids"].shape[0]), "iva": iva, "tpa": tpa,
+            "ground": float(parts["ground_sample"].numel())}
 
 
 def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token_id: int, loss_cfg: LossConfig,
@@ -237,7 +253,9 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
     use_ribbon = w["tpa"] > 0 and any(e.signals.tpa_cand_ids.shape[0] > 0 for e in examples)
     lay = _layout(examples, pad_id, image_token_id, use_ribbon, vocab_size, dtype)
     parts = {**_resp_part(examples, lay, w["kd"] > 0), **_iva_rows(examples, lay, w["iva"] > 0 and not attention),
-             **_attention_targets(examples, lay, w["iva"] > 0 and attention), **_tpa_part(examples, lay)}
+             **_probe_positions(examples, lay, (w["iva"] > 0 and attention) or w["ground"] > 0),
+             **_attention_targets(examples, w["iva"] > 0 and attention), **_ground_targets(examples, w["ground"] > 0),
+             **_tpa_part(examples, lay)}
     counts = _counts(parts, w, attention)
     dev = torch.device(device)
 

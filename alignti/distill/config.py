@@ -19,7 +19,7 @@ TRAIN_CHOICES = ("projector", "llm", "all", "full")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
 # Fields of DistillConfig that are passed to build_loss_config unchanged.
 LOSS_FIELDS = ("divergence", "jsd_beta", "tail", "tpa_weighting", "iva_target", "chunk_size",
-               "sft_weight", "kd_weight", "iva_weight", "tpa_weight")
+               "sft_weight", "kd_weight", "iva_weight", "tpa_weight", "ground_weight", "ground_layer")
 # Fields that may differ between a checkpoint and the command resuming it (they do not change
 # what is computed, only how long, how often it is saved or logged, and how it is shown).
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "epochs",
@@ -49,6 +49,8 @@ class DistillConfig:
     kd_weight: float | None = _loss_field("kd_weight")
     iva_weight: float | None = _loss_field("iva_weight")
     tpa_weight: float | None = _loss_field("tpa_weight")
+    ground_weight: float = _loss_field("ground_weight")
+    ground_layer: int = _loss_field("ground_layer")
     divergence: str = _loss_field("divergence")
     jsd_beta: float = _loss_field("jsd_beta")
     tail: str = _loss_field("tail")
@@ -100,9 +102,9 @@ class DistillConfig:
             raise AlignTIError("give --cache (teacher signals) or --data (a corpus, for --recipe sft)")
         loss = self.loss_config()  # validates recipe, divergence, weights
         if self.cache is None:
-            distilled = {n: w for n, w in loss.weights().items() if n != "sft" and w > 0}
+            distilled = {n: w for n, w in loss.weights().items() if n not in ("sft", "ground") and w > 0}
             if distilled:
-                raise AlignTIError(f"without --cache only the sft term can train (--recipe sft); "
+                raise AlignTIError(f"without --cache only the sft and ground terms can train (--recipe sft); "
                                    f"got non-zero weights {distilled}")
         self._check_numbers()
 

@@ -13,6 +13,8 @@ Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 - `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
 - `iva_attention_loss`: KL(teacher saliency || student attention) (count: samples).
 - `tpa_loss`:  candidate-weighted top-k KL at ribbon candidate rows (count: steps).
+- "ground" (not a distillation term): `iva_attention_loss` against box annotations
+  (`alignti.distill.grounding`; count: samples with a target).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from alignti.distill.kl import DIVERGENCES, TAILS, check_divergence, chunked_row
 from alignti.errors import AlignTIError
 
 IGNORE_INDEX = -100
-TERMS = ("sft", "kd", "iva", "tpa")
+TERMS = ("sft", "kd", "iva", "tpa", "ground")
 TPA_WEIGHTINGS = ("teacher", "uniform")
 IVA_TARGETS = ("logits", "attention")
-# Recipe -> (sft, kd, iva, tpa) weights.
+# Recipe -> (sft, kd, iva, tpa) weights; "ground" is 0 unless asked for.
 RECIPES: dict[str, tuple[float, float, float, float]] = {
     "sft": (1.0, 0.0, 0.0, 0.0),
     "kd": (1.0, 1.0, 0.0, 0.0),
@@ -275,6 +277,11 @@ class LossConfig:
     kd_weight: float | None = field(default=None, metadata={"help": "weight of L_kd [default: from --recipe]"})
     iva_weight: float | None = field(default=None, metadata={"help": "weight of L_iva [default: from --recipe]"})
     tpa_weight: float | None = field(default=None, metadata={"help": "weight of L_tpa [default: from --recipe]"})
+    ground_weight: float = field(default=0.0, metadata={
+        "help": "weight of a grounding term for rows with object boxes: KL(boxes' patch share || the model's "
+                "instruction-to-vision attention at --ground-layer); trains a teacher to look where it is asked "
+                "(alignti.distill.grounding)"})
+    ground_layer: int = field(default=1, metadata={"help": "LM layer whose attention --ground-weight trains"})
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -287,8 +294,9 @@ class LossConfig:
         for name, allowed in (("tpa_weighting", TPA_WEIGHTINGS), ("iva_target", IVA_TARGETS)):
             if getattr(self, name) not in allowed:
                 raise AlignTIError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.chunk_size < 1:
-            raise AlignTIError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size < 1 or self.ground_layer < 0:
+            raise AlignTIError(f"chunk_size must be >= 1 and ground_layer >= 0, got {self.chunk_size}, "
+                               f"{self.ground_layer}")
         weights = self.weights()
         bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w >= 0)}
         if bad:
@@ -297,7 +305,7 @@ class LossConfig:
             raise AlignTIError("every loss weight is 0: nothing to train")
 
     def weights(self) -> dict[str, float]:
-        """{"sft", "kd", "iva", "tpa"} -> weight, the `weights` argument of `combine`."""
+        """{"sft", "kd", "iva", "tpa", "ground"} -> weight, the `weights` argument of `combine`."""
         return {n: float(getattr(self, f"{n}_weight")) for n in TERMS}
 
     def divergence_kwargs(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from alignti.data.batching import collate, length_grouped
+from alignti.data.boxes import patch_overlap
 from alignti.data.corpus import CorpusRow, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.extract.teacher import TeacherSignals
@@ -31,16 +32,6 @@ class SaliencyItem:
     image_size: tuple[int, int]  # original (width, height)
     question: str
     answer: str
-
-
-def patch_overlap(grid: int, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
-    """float64 [grid*grid]: fraction of each patch's area inside `box` (the image is resized to the grid)."""
-    w, h = size
-    x0, y0, x1, y1 = box[0] / w * grid, box[1] / h * grid, box[2] / w * grid, box[3] / h * grid
-    edges = np.arange(grid + 1, dtype=np.float64)
-    ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, 1)  # [grid] columns
-    oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, 1)  # [grid] rows
-    return np.outer(oy, ox).reshape(-1)
 
 
 def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float]:
@@ -80,30 +71,35 @@ def teacher_saliency(model, processor, data: str, image_root: str, layer: int, l
     for group in length_grouped(samples, batch_size):
         for s, sig in zip(group, teacher(collate(group, processor.tokenizer.pad_token_id))):
             row = rows[s.sample_id]
-            with Image.open(f"{image_root}/{row.image}") as im:
-                size = im.size
             box = row.extra.get("target_box")
-            items.append(SaliencyItem(s, sig.saliency, tuple(box) if box else None, size,
+            items.append(SaliencyItem(s, sig.saliency, tuple(box) if box else None, s.image_size,
                                       row.turns[0][1].replace("<image>", "").strip(), row.turns[1][1]))
     return items
 
 
 def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Image:
-    """The image upscaled, saliency as a red heat overlay, the box outlined, question and answer printed."""
+    """The image upscaled and dimmed where the saliency is low (the most salient patch keeps full
+    brightness, a patch with none keeps 20%), each patch's share printed on it (grids up to 8 x 8),
+    the box outlined, question and answer printed above."""
     grid = int(round(math.sqrt(item.saliency.shape[0])))
     base = image.convert("RGB").resize((side, side), Image.NEAREST)
-    heat = item.saliency.reshape(grid, grid)
-    heat = (255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
-    alpha = Image.fromarray(heat, mode="L").resize((side, side), Image.NEAREST)
-    red = Image.new("RGB", (side, side), (255, 40, 40))
-    pic = Image.composite(red, base, alpha.point(lambda v: int(v * 0.7)))
+    heat = item.saliency.reshape(grid, grid).astype(np.float64)
+    level = (255 * (0.2 + 0.8 * heat / max(float(heat.max()), 1e-12))).astype(np.uint8)
+    mask = Image.fromarray(level, mode="L").resize((side, side), Image.NEAREST)
+    pic = Image.composite(base, Image.new("RGB", (side, side), "black"), mask)
     canvas = Image.new("RGB", (side, side + 36), "white")
     canvas.paste(pic, (0, 36))
     draw = ImageDraw.Draw(canvas)
+    cell = side / grid
+    if grid <= 8:
+        for i, share in enumerate(item.saliency):
+            x, y = (i % grid) * cell + 2, 36 + (i // grid) * cell + 2
+            draw.rectangle([x, y, x + 26, y + 11], fill="black")
+            draw.text((x + 1, y), f"{float(share):.2f}", fill="white")
     if item.box:
         sx, sy = side / item.image_size[0], side / item.image_size[1]
         x0, y0, x1, y1 = item.box
         draw.rectangle([x0 * sx, 36 + y0 * sy, x1 * sx - 1, 36 + y1 * sy - 1], outline=(0, 255, 255), width=2)
     draw.text((4, 2), item.question[:48], fill="black")
-    draw.text((4, 18), f"answer: {item.answer}", fill="black")
+    draw.text((4, 18), f"answer: {item.answer}   (numbers: teacher saliency per patch)", fill="black")
     return canvas

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from alignti.data.corpus import Reject, load_image, read_corpus
 from alignti.data.shapes_render import COLORS, POSITIONS, SHAPES
 from alignti.errors import AlignTIError
-from alignti.eval.saliency import patch_overlap
+from alignti.data.boxes import patch_overlap
 from alignti.models.loading import load_model
 
 # Head name -> classes; class 0 of colour and shape is "no object in this patch".
