@@ -24,7 +24,7 @@ from alignti.distill.parallel import run_many
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.eval.saliency import box_mass, overlay, peak_in_box, teacher_saliency
+from alignti.eval.saliency import box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
@@ -200,6 +200,7 @@ def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, ou
     with_box = [it for it in items if it.box]
     masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
     peaks = [peak_in_box(it.saliency, it.image_size, it.box) for it in with_box]
+    tokens = [object_patch_mass(it.saliency, it.image_size, it.box) for it in with_box]
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, it in enumerate(with_box[:pictures]):
@@ -211,5 +212,7 @@ def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, ou
     return {"layer": layer, "samples": len(masses), "pictures": files,
             "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
             "mean_box_share": round(sum(s for _, s in masses) / n, 4),
+            "mean_mass_on_object_patches": round(sum(m for m, _ in tokens) / n, 4),
+            "mean_object_patch_share": round(sum(s for _, s in tokens) / n, 4),
             "peak_in_box_rate": round(sum(hit for hit, _ in peaks) / n, 4),
             "peak_in_box_chance": round(sum(c for _, c in peaks) / n, 4)}

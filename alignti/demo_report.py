@@ -81,9 +81,11 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
         f"layer {teaching['ground_layer']}: its instruction-to-vision attention trained toward the asked-about "
         f"objects' boxes, so it looks where it is asked, as IVA presumes of a large pretrained teacher).",
         f"IVA layer (IRS): {irs['layer']} with scores {irs['scores']}.",
-        f"Teacher saliency inside the asked-about object's box: {saliency['mean_mass_in_box']:.3f} of the mass, "
-        f"vs the box's {saliency['mean_box_share']:.3f} share of the image ({saliency['samples']} test images); "
-        f"its peak falls on the object in {saliency['peak_in_box_rate']:.0%} of them "
+        f"Teacher saliency on the asked-about object ({saliency['samples']} test images): "
+        f"{saliency['mean_mass_on_object_patches']:.3f} of the mass on the vision tokens the object's box "
+        f"overlaps (uniform attention: {saliency['mean_object_patch_share']:.3f}); "
+        f"{saliency['mean_mass_in_box']:.3f} inside the box itself, vs the box's {saliency['mean_box_share']:.3f} "
+        f"share of the image; its peak falls on the object in {saliency['peak_in_box_rate']:.0%} of them "
         f"(a random patch would in {saliency['peak_in_box_chance']:.0%}).", "",
         "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()), "",
         *[f"![saliency]({Path(p).relative_to(work)})" for p in saliency["pictures"]],
@@ -91,8 +93,10 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
     (work / "report.md").write_text("\n".join(md) + "\n")
     print("\n" + table)
     print(f"\ncache: {report['cache']['path']}  ({report['cache']['bytes_per_response_token']:.0f} B/response token)")
-    print(f"saliency in box: {saliency['mean_mass_in_box']:.3f} vs box share {saliency['mean_box_share']:.3f}; "
-          f"peak on the object {saliency['peak_in_box_rate']:.0%} (random patch {saliency['peak_in_box_chance']:.0%})")
+    print(f"saliency on the object's tokens: {saliency['mean_mass_on_object_patches']:.3f} "
+          f"(uniform {saliency['mean_object_patch_share']:.3f}); in its box {saliency['mean_mass_in_box']:.3f} vs box "
+          f"share {saliency['mean_box_share']:.3f}; peak on the object {saliency['peak_in_box_rate']:.0%} "
+          f"(random patch {saliency['peak_in_box_chance']:.0%})")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))
     print(f"report: {work / 'report.md'}")
     return report

@@ -42,6 +42,8 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
     teacher_log = [json.loads(line) for line in (work / "teacher" / "log.jsonl").read_text().splitlines()]
     assert all("ground" in r for r in teacher_log)  # the grounding term trained the teacher
     assert 0 <= on_disk["saliency"]["peak_in_box_rate"] <= 1 and 0 < on_disk["saliency"]["peak_in_box_chance"] < 1
+    sal = on_disk["saliency"]
+    assert sal["mean_mass_in_box"] <= sal["mean_mass_on_object_patches"] <= 1 and 0 < sal["mean_object_patch_share"] < 1
     assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
     assert (work / "report.md").read_text().count("![saliency]") == 2
 

@@ -43,13 +43,30 @@ def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, floa
     return float((saliency.astype(np.float64) * frac).sum()), float(share)
 
 
+def _touching(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    """bool [n_v]: the patches the box overlaps."""
+    grid = int(round(math.sqrt(saliency.shape[0])))
+    return patch_overlap(grid, size, box) > 0
+
+
 def peak_in_box(saliency: np.ndarray, size: tuple[int, int],
                 box: tuple[float, float, float, float]) -> tuple[bool, float]:
     """(whether the most salient patch overlaps the box, the share of patches that do: the chance
     that a random patch would)."""
-    grid = int(round(math.sqrt(saliency.shape[0])))
-    touches = patch_overlap(grid, size, box) > 0
+    touches = _touching(saliency, size, box)
     return bool(touches[int(np.argmax(saliency))]), float(touches.mean())
+
+
+def object_patch_mass(saliency: np.ndarray, size: tuple[int, int],
+                      box: tuple[float, float, float, float]) -> tuple[float, float]:
+    """(saliency mass on the patches the box overlaps, those patches' share of all patches).
+
+    The vision-token view of `box_mass`: a token is all the model can attend to, so a teacher
+    looking only at the object's tokens scores 1 here, while `box_mass` caps it at the box's
+    share of those patches (about a third with the demo's one-token-per-quadrant grid).
+    """
+    touches = _touching(saliency, size, box)
+    return float(saliency.astype(np.float64)[touches].sum()), float(touches.mean())
 
 
 def teacher_saliency(model, processor, data: str, image_root: str, layer: int, limit: int,

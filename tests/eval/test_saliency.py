@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from alignti.data.boxes import patch_overlap
-from alignti.eval.saliency import SaliencyItem, box_mass, overlay, peak_in_box
+from alignti.eval.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box
 
 
 def test_box_mass_whole_and_partial_patches():
@@ -35,3 +35,12 @@ def test_peak_in_box_by_hand():
     assert peak_in_box(sal, (64, 64), (0, 0, 16, 16)) == (False, 1 / 16)
     hit, chance = peak_in_box(sal, (64, 64), (10, 10, 40, 20))  # touches rows 0-1, columns 0-2
     assert hit and chance == 6 / 16
+
+
+def test_object_patch_mass_counts_whole_tokens():
+    sal = np.array([0.7, 0.1, 0.15, 0.05], dtype=np.float32)  # 2x2 grid, row-major
+    # a small box inside patch (0,0): box_mass is capped by the box's share of the patch, this is not
+    assert object_patch_mass(sal, (64, 64), (4, 4, 20, 20)) == pytest.approx((0.7, 0.25))
+    assert box_mass(sal, (64, 64), (4, 4, 20, 20))[0] == pytest.approx(0.7 * 0.25)
+    # a box straddling patches (0,0) and (1,0): both tokens count
+    assert object_patch_mass(sal, (64, 64), (4, 20, 20, 40)) == pytest.approx((0.85, 0.5))
