@@ -2,7 +2,7 @@
 
     python bench/run_all.py [--skip-paper-table] [--demo-dir demo-out] [--out bench/results/all.json]
 
-Runs cache_size, extract, distill (and paper_table unless skipped: it trains 15 students) as
+Runs cache_size, extract, distill (and paper_table unless skipped: it trains 25 students) as
 subprocesses, reads their JSON, and prints one table: figure, value, target, met.
 """
 
