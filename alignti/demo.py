@@ -71,13 +71,15 @@ DEFAULT = DemoPlan(
     n=5000, teacher=dict(hidden=128, layers=4, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION)},
-    tower_steps=2500, teacher_steps=3000, teacher_lr=4e-4, ground_weight=0.3, student_steps=1500, student_lr=4e-4, batch_size=16,
+    tower_steps=2500, teacher_steps=3000, teacher_lr=4e-4, ground_weight=0.3,
+    student_steps=1500, student_lr=4e-4, batch_size=16,
     irs_samples=128, pictures=6)
 QUICK = DemoPlan(
     n=1500, teacher=dict(hidden=96, layers=3, heads=4, kv_heads=2, **_VISION),
     students={"student-s": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_VISION),
               "student-m": dict(hidden=64, layers=2, heads=4, kv_heads=2, **_VISION)},
-    tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, ground_weight=0.3, student_steps=300, student_lr=1e-3, batch_size=16,
+    tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, ground_weight=0.3,
+    student_steps=300, student_lr=1e-3, batch_size=16,
     irs_samples=64, pictures=4)
 
 

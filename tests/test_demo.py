@@ -14,7 +14,8 @@ MICRO = demo.DemoPlan(
     n=60, teacher=dict(hidden=64, layers=2, heads=4, kv_heads=2, **_V),
     students={"student-s": dict(hidden=32, layers=1, heads=2, kv_heads=1, **_V),
               "student-m": dict(hidden=48, layers=2, heads=4, kv_heads=2, **_V)},
-    tower_steps=20, teacher_steps=12, teacher_lr=1e-3, ground_weight=0.3, student_steps=4, student_lr=1e-3, batch_size=8,
+    tower_steps=20, teacher_steps=12, teacher_lr=1e-3, ground_weight=0.3,
+    student_steps=4, student_lr=1e-3, batch_size=8,
     irs_samples=8, pictures=2)
 
 
