@@ -1,7 +1,7 @@
 """One distillation micro-batch: student model inputs plus every loss term's rows and teacher targets.
 
 Layout. Without TPA the samples are right-padded (`collate`). With TPA (weight > 0 and cached
-candidates present) the student gets the ribbon built by `alignti.extract.ribbon.build_ribbon`,
+candidates present) the student gets the ribbon built by `alignti.models.ribbon.build_ribbon`,
 the function extraction uses, with the cached candidates inserted after their steps: one forward
 gives the ground-truth rows and every candidate row p_S(.|y_<=t, a).
 
@@ -25,8 +25,8 @@ from alignti.distill.dataset import DistillExample
 from alignti.distill.grounding import grounding_target
 from alignti.distill.losses import LossConfig
 from alignti.errors import AlignTIError
-from alignti.extract.ribbon import build_ribbon
-from alignti.extract.teacher import probe_targets
+from alignti.models.ribbon import build_ribbon
+from alignti.models.probe import probe_targets
 
 _LONG = torch.long
 

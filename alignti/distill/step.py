@@ -19,7 +19,7 @@ from alignti.distill.batches import DistillBatch
 from alignti.distill.kl import padded_teacher_mass
 from alignti.distill.losses import LossConfig, SumCount, iva_attention_loss, iva_loss, kd_loss, sft_rows_loss, tpa_loss
 from alignti.errors import AlignTIError
-from alignti.extract.probe import probe_attention
+from alignti.models.probe import probe_attention
 
 
 def student_iva_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:

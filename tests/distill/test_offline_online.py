@@ -25,7 +25,7 @@ from alignti.distill.batches import build_distill_batch
 from alignti.distill.dataset import DistillExample, cache_examples, verify_alignment
 from alignti.distill.losses import build_loss_config
 from alignti.distill.step import loss_terms
-from alignti.extract.probe import l1_normalize, probe_attention
+from alignti.models.probe import l1_normalize, probe_attention
 from alignti.extract.teacher import TeacherSignals
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
