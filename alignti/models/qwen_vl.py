@@ -11,7 +11,7 @@ The Qwen-VL family differs from LLaVA in what the adapter has to own:
   processor expands `<|image_pad|>` to n_v copies.
 
 Transformers 5.24 cannot build or load a Qwen-VL *processor* without torchvision: the processor
-insists on a video processor (processing_utils.py:665-668 checks every sub-processor's class,
+insists on a video processor (processing_utils.py:668 checks every sub-processor's class,
 `VideoProcessorMixin` is exported only with torchvision, __init__.py:335), and
 `AutoProcessor.from_pretrained(dir, backend="pil")` asks for a PIL video processor, which does
 not exist (video_processing_auto.py:137-142). The tokenizer, the PIL image processor and the
@@ -110,8 +110,11 @@ class QwenVLSpec:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise AlignTIError(f"unknown Qwen-VL family {self.family!r}; use one of {FAMILIES}")
-        if self.hidden % self.heads or self.heads % self.kv_heads or (self.hidden // self.heads) % 4:
-            raise AlignTIError("hidden must divide by heads into a head size that divides by 4, heads by kv_heads")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise AlignTIError("hidden must divide by heads and heads by kv_heads")
+        head = self.hidden // self.heads
+        if head % 2 or head < 8:
+            raise AlignTIError(f"head size hidden / heads = {head}: must be even and >= 8 (3 rotary axes)")
         if self.vision_hidden % 16:
             raise AlignTIError("vision hidden size must be a multiple of 16 (heads of width 16)")
         if self.min_pixels > self.max_pixels or self.min_pixels < (self.patch * self.merge) ** 2:
@@ -139,9 +142,9 @@ def _text_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerBase) -> dict:
                 num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                 max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, rope_parameters=rope)
-    if interleaved:
+    if spec.family == "qwen3_vl":
         text["head_dim"] = head_dim
-    else:
+    else:  # Qwen2/2.5-VL text configs default to the real vocabulary's bos id (151643)
         text["bos_token_id"] = None
     return text
 
@@ -207,11 +210,11 @@ def _video_processor_dict(family: str, image_processor: Qwen2VLImageProcessorPil
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                    image_processor: Qwen2VLImageProcessorPil, out: str | Path) -> Path:
-    """Weights, config, tokenizer, chat template and processor config in one directory.
+    """Weights, config, tokenizer (with chat_template.jinja) and processor config in one directory.
 
-    The processor files are those `Qwen*VLProcessor.save_pretrained` writes (processor_config.json
-    holding the image and video processors, chat_template.jinja), written here because the
-    processor object cannot exist without torchvision (module docstring).
+    processor_config.json holds the image and video processors' settings and the processor class,
+    as `Qwen*VLProcessor.save_pretrained` writes it; it is written here because the processor
+    object cannot exist without torchvision (module docstring).
     """
     family = model.config.model_type
     if family not in FAMILIES:
@@ -223,7 +226,6 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
     processor = {"image_processor": image_processor.to_dict(), "processor_class": _PROCESSORS[family],
                  "video_processor": _video_processor_dict(family, image_processor)}
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
     return out
 
 

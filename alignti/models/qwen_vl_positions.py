@@ -3,7 +3,7 @@
 A Qwen-VL decoder takes `position_ids` [3, B, T]: one (temporal, height, width) triple per
 token. Text tokens carry the same value on all three axes; an image's tokens carry their grid
 coordinates offset by the image's start, and the text after an image continues from
-start + max(h, w) / merge, not from start + n_v (modeling_qwen2_vl.py:895-1016). So a token's
+start + max(h, w) / merge, not from start + n_v (modeling_qwen2_vl.py:895-997). So a token's
 triple depends on everything before it, and the ribbon cannot number its slots itself.
 
 The ribbon (`alignti.extract.ribbon`) already maps every slot to the original position it

@@ -92,11 +92,18 @@ def test_saved_dir_reloads_and_generates_the_same(family, tmp_path):
     assert {name: getattr(tok2, name) for name in VISION_TOKENS} == VISION_TOKENS
     assert tok2.convert_tokens_to_ids(VISION_TOKENS["image_token"]) == loaded.config.image_token_id
     assert tok2.chat_template == CHAT_TEMPLATE
-    assert (ip2.size["shortest_edge"], ip2.size["longest_edge"], ip2.patch_size, ip2.merge_size) == (56**2, 112**2, 14, 2)
+    settings = (ip2.size["shortest_edge"], ip2.size["longest_edge"], ip2.patch_size, ip2.merge_size)
+    assert settings == (56**2, 112**2, 14, 2)
     assert torch.equal(process_images(ip2, images(SIZES)).pixel_values, batch.pixel_values)
     with torch.no_grad():
         out = loaded.generate(**inputs, **gen)
     assert out.shape == (3, inputs["input_ids"].shape[1] + 5) and torch.equal(out, ref)
+    # the loaded language model takes the probe too (its attentions hold the loaded text_config)
+    image_pos = [torch.nonzero(row == loaded.config.image_token_id).flatten()[:4] for row in inputs["input_ids"]]
+    last = [torch.tensor([inputs["input_ids"].shape[1] - 1])] * 3
+    with torch.no_grad(), probe_attention(loaded, [1], last, image_pos) as probe:
+        loaded(**inputs)
+    assert probe.result()[1].shape == (3, 4) and text_attn_implementation(loaded) == "sdpa"
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"].lower().replace("_", "") == family.replace("_", "") + "processor"
     assert saved["video_processor"]["patch_size"] == 14
@@ -127,7 +134,8 @@ def test_a_batch_of_three_image_sizes(family):
     assert batch.pixel_values.shape == (4 * sum(TOKENS), 3 * 2 * 14 * 14)
     singles = [process_images(ip, [im]) for im in images(SIZES)]
     joined = ImageBatch.concat(singles)
-    assert torch.equal(joined.pixel_values, batch.pixel_values) and torch.equal(joined.image_grid_thw, batch.image_grid_thw)
+    assert torch.equal(joined.pixel_values, batch.pixel_values)
+    assert torch.equal(joined.image_grid_thw, batch.image_grid_thw)
     assert all(torch.equal(a, s.pixel_values) for a, s in zip(batch.split(), singles))
     with torch.no_grad():
         feats = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output
@@ -140,14 +148,14 @@ def test_a_batch_of_three_image_sizes(family):
             assert (logits[b, : len(seq)] - alone).abs().max() <= 1e-5
 
 
-def _eager_reference(model, kwargs, queries, keys):
-    """Per layer [B, n_keys_b] list: eager attention probabilities averaged over heads and queries."""
+def _eager_attentions(model, kwargs):
+    """Every LM layer's eager attention probabilities [B, H, T, T] (the vision tower runs eager too)."""
     model.set_attn_implementation("eager")
-    with torch.no_grad():
-        attn = model(**kwargs, output_attentions=True).attentions
-    model.set_attn_implementation("sdpa")
-    assert len(attn) == model.config.text_config.num_hidden_layers
-    return [[a[b][:, queries[b]][:, :, keys[b]].mean(dim=(0, 1)) for b in range(len(keys))] for a in attn]
+    try:
+        with torch.no_grad():
+            return model(**kwargs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 # (text before the image, image size index, text after it) per sample
@@ -169,7 +177,10 @@ def test_probe_matches_eager_attentions(family, padding):
     # vision keys: the image tokens; queries: the text after <|vision_end|>
     keys = [torch.arange(o + pre + 1, o + pre + 1 + TOKENS[i]) for (pre, i, _), o in zip(shapes, offsets)]
     queries = [k[-1] + 2 + torch.arange(post) for k, (_, _, post) in zip(keys, shapes)]
-    ref = _eager_reference(model, kwargs, queries, keys)
+    attn = _eager_attentions(model, kwargs)
+    assert len(attn) == 3
+    # per layer and sample [n_keys_b]: averaged over heads and query rows
+    ref = [[a[b][:, queries[b]][:, :, keys[b]].mean(dim=(0, 1)) for b in range(len(keys))] for a in attn]
     assert min(torch.cat(r).std().item() for r in ref) > 5e-3  # far from uniform, or a masking bug could hide
     padded, valid = pad_keys(keys)
     with torch.no_grad():
