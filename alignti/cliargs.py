@@ -32,6 +32,8 @@ def _param(f: dataclasses.Field, tp: Any) -> Callable:
     base = _base_type(tp)
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    # click counts an explicit default=None as a given value and then never enforces required=True.
+    given = {"required": True} if required else {"default": default}
     if "choices" in meta:
         ctype: Any = click.Choice(list(meta["choices"]))
     elif base is list or typing.get_origin(base) in (list, tuple):
@@ -43,9 +45,8 @@ def _param(f: dataclasses.Field, tp: Any) -> Callable:
     if meta.get("argument"):
         return click.argument(f.name, type=ctype, required=required)
     if base is bool:
-        return click.option(f"--{name}/--no-{name}", f.name, default=default, show_default=True, help=meta.get("help"))
-    return click.option(f"--{name}", f.name, type=ctype, default=default, required=required,
-                        show_default=default is not None, help=meta.get("help"))
+        return click.option(f"--{name}/--no-{name}", f.name, **given, show_default=True, help=meta.get("help"))
+    return click.option(f"--{name}", f.name, type=ctype, **given, show_default=default is not None, help=meta.get("help"))
 
 
 def from_dataclass(config_cls: type) -> Callable:
