@@ -32,8 +32,11 @@ def test_llava_parse(text, n, idx):
 
 
 @pytest.mark.parametrize("text, ok", [("B", True), ("B.", True), ("B. dog", True), (" B ", True),
-                                      ("The answer is B.", False), ("(B)", False), ("A.", False)])
+                                      ("b", True), (" b\n", True),  # the whole output is compared lower-cased
+                                      ("b.", False), ("b. dog", False),  # "X." needs an upper-case X
+                                      ("The answer is B.", False), ("(B)", False), ("A.", False), ("a", False)])
 def test_lmms_eval_rule(text, ok):
+    # lmms-eval tasks/scienceqa/utils.py sqa_process_results
     assert sqa_correct(text, 1, 3, "lmms-eval") is ok
 
 
