@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignti.errors import AlignTIError
-from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers, load_questions
+from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
+from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype

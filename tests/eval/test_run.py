@@ -12,7 +12,8 @@ from PIL import Image
 import alignti.eval.generate as generate_mod
 import alignti.eval.run as run_mod
 from alignti.errors import AlignTIError
-from alignti.eval.formats import BENCHMARKS, SHORT_ANSWER, load_questions
+from alignti.eval.formats import BENCHMARKS, SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.run import EvalConfig, run_eval
 
 ANSWER_FIELDS = {"question_id", "prompt", "text", "model_id", "benchmark"}

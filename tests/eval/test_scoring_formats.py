@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from alignti.errors import AlignTIError
-from alignti.eval.formats import EvalQuestion, load_answers, load_questions, open_image, with_suffix
+from alignti.eval.formats import EvalQuestion, load_answers, open_image, with_suffix
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import match_answers, score_benchmark, score_gqa
 from alignti.eval.scoring.matching import align
 

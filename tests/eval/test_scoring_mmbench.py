@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from alignti.errors import AlignTIError
-from alignti.eval.formats import LETTER_ANSWER, load_questions, open_image
+from alignti.eval.formats import LETTER_ANSWER, open_image
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_mmbench
 from alignti.eval.scoring.mmbench import mmbench_parse
 

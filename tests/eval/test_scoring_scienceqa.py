@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from alignti.eval.formats import LETTER_ANSWER, load_questions
+from alignti.eval.formats import LETTER_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_scienceqa
 from alignti.eval.scoring.scienceqa import sqa_correct, sqa_parse
 
