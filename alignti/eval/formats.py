@@ -97,23 +97,31 @@ def question_core(benchmark: str, prompt: str) -> str:
 
 # ---------------------------------------------------------------- file reading helpers
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`; `what` names the file in the one-line error a user sees."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AlignTIError(f"{what} not found: {str(path)!r}") from None
+    except UnicodeDecodeError as e:
+        raise AlignTIError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                           f"at offset {e.start})") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise AlignTIError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
 def read_json(path: Path, what: str) -> Any:
     """The JSON document in `path`; `what` names the file in the error a user sees."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AlignTIError(f"{what} not found: {str(path)!r}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
         raise AlignTIError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
 
 
 def read_jsonl(path: Path, what: str, cut_tail_ok: bool = False) -> list[dict]:
     """JSON objects, one per non-blank line. With `cut_tail_ok`, a last line without a newline
     that does not parse (a writer killed mid-line) is dropped instead of being an error."""
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise AlignTIError(f"{what} not found: {str(path)!r}") from None
+    lines = read_text(path, what).split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -148,7 +156,7 @@ def locate(given: str | Path | None, questions: Path, candidates: list[Path], wh
         if p.exists():
             return p
     looked = ", ".join(repr(str(p)) for p in candidates)
-    raise AlignTIError(f"{what} is needed to score {questions.name!r}; pass it as annotations (looked in {looked})")
+    raise AlignTIError(f"{what} is needed to score {questions.name!r}; pass it with --annotations (looked in {looked})")
 
 
 # ---------------------------------------------------------------- answers JSONL and images

@@ -5,22 +5,27 @@ exact files each benchmark needs). Ground truth that LLaVA keeps in a separate f
 testdev_balanced_questions.json, TextVQA_0.5.1_val.json, POPE's coco_pope_*.json, MME's txt
 files, ScienceQA's problems.json) is joined here, so a scorer only ever sees `EvalQuestion`s.
 `annotations` names that file or folder; when it is None the standard LLaVA playground layout
-next to the question file is tried.
+next to the question file is tried. Where the ground-truth file holds the questions too (GQA's
+testdev_balanced_questions.json, ScienceQA's problems.json with pid_splits.json, POPE's
+coco_pope_<split>.json), it can be the question file itself and LLaVA's file is not needed.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
+import re
 import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from alignti.errors import AlignTIError
 from alignti.eval.formats import (BENCHMARKS, LETTER_ANSWER, MMBENCH_GROUP, SHORT_ANSWER, EvalQuestion, locate,
-                                  mme_question, need, question_core, read_json, read_jsonl, textvqa_question,
-                                  with_suffix)
+                                  mme_question, need, question_core, read_json, read_jsonl, read_text,
+                                  textvqa_question, with_suffix)
 
 # pandas.read_table's default NA strings: LLaVA reads the MMBench TSV with pandas, so an option
 # spelled like one of these is treated as absent there; we do the same.
@@ -28,7 +33,28 @@ _PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-na
               "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
+def _json_document(path: Path, what: str) -> Any:
+    """The file as one JSON document, or None when it is not one (JSON Lines, LLaVA's format)."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError:
+        return None
+
+
+def _gqa_question(qid: str | int, text: str, image: str | None, entry: Mapping, where: str) -> EvalQuestion:
+    types = entry.get("types") or {}
+    return EvalQuestion("gqa", qid, "", with_suffix(text, SHORT_ANSWER), image, need(entry, "answer", where),
+                        {"structural": types.get("structural"), "semantic": types.get("semantic")})
+
+
 def _load_gqa(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
+    own = _json_document(path, "GQA questions")
+    if isinstance(own, dict) and own and all(isinstance(v, dict) for v in own.values()):
+        # GQA's own testdev_balanced_questions.json: {qid: {"question", "imageId", "answer", "types"}};
+        # LLaVA's jsonl is this file with "<imageId>.jpg" as image and the suffix added.
+        return [_gqa_question(qid, need(e, "question", f"{path.name} {qid}"),
+                              f"{need(e, 'imageId', f'{path.name} {qid}')}.jpg", e, f"{path.name} {qid}")
+                for qid, e in own.items()]
     ann_path = locate(annotations, path, [path.parent / "testdev_balanced_questions.json",
                                            path.parent / "data" / "testdev_balanced_questions.json"],
                        "GQA answers (testdev_balanced_questions.json)")
@@ -40,10 +66,7 @@ def _load_gqa(path: Path, annotations: str | Path | None, image_root: str | Path
         entry = gold.get(str(qid))
         if entry is None:
             raise AlignTIError(f"{where}: question {qid!r} is not in {ann_path.name}")
-        types = entry.get("types") or {}
-        out.append(EvalQuestion("gqa", qid, "", with_suffix(need(row, "text", where), SHORT_ANSWER),
-                                row.get("image"), entry["answer"],
-                                {"structural": types.get("structural"), "semantic": types.get("semantic")}))
+        out.append(_gqa_question(qid, need(row, "text", where), row.get("image"), entry, f"{ann_path.name} {qid}"))
     return out
 
 
@@ -67,15 +90,34 @@ def _load_textvqa(path: Path, annotations: str | Path | None, image_root: str | 
     return out
 
 
+def _pope_split(row: Mapping, path: Path, where: str) -> str:
+    """A labelled row's split: its `category`, else the <split> of a file named coco_pope_<split>.json."""
+    if row.get("category") is not None:
+        return str(row["category"])
+    m = re.fullmatch(r"coco_pope_(.+)\.json", path.name)
+    if m is None:
+        raise AlignTIError(f"{where}: no 'category', and the file is not named coco_pope_<split>.json, "
+                           "so its POPE split is unknown")
+    return m.group(1)
+
+
 def _load_pope(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    label_dir = locate(annotations, path, [path.parent / "coco", path.parent],
-                        "POPE label folder (coco_pope_<split>.json)")
+    label_dir: Path | None = None
     labels: dict[str, dict] = {}
     rows = read_jsonl(path, "POPE questions")
     out = []
     for n, row in enumerate(rows, 1):
         where = f"{path.name} line {n}"
-        split, text = str(need(row, "category", where)), need(row, "text", where)
+        text = need(row, "text", where)
+        if "label" in row:  # POPE's own coco_pope_<split>.json as the question file: labels inside
+            out.append(EvalQuestion("pope", need(row, "question_id", where), "", with_suffix(text, SHORT_ANSWER),
+                                    row.get("image"), str(need(row, "label", where)).strip().lower(),
+                                    {"split": _pope_split(row, path, where)}))
+            continue
+        split = str(need(row, "category", where))
+        if label_dir is None:
+            label_dir = locate(annotations, path, [path.parent / "coco", path.parent],
+                               "POPE label folder (coco_pope_<split>.json)")
         if split not in labels:
             # eval_pope.py pairs labels with answers by position; joining on (image, question)
             # gives the same pairs without trusting file order.
@@ -98,7 +140,7 @@ def _mme_truth(root: Path, category: str, stem: str, cache: dict) -> dict[str, s
         if not txt.is_file():
             raise AlignTIError(f"MME answer file not found: {str(txt)!r}")
         truth = {}
-        for line in txt.read_text(encoding="utf-8").splitlines():
+        for line in read_text(txt, "MME answer file").splitlines():
             if line.strip():
                 question, _, answer = line.rstrip("\n").rpartition("\t")
                 truth[mme_question(question)] = answer.strip().lower()
@@ -124,16 +166,45 @@ def _load_mme(path: Path, annotations: str | Path | None, image_root: str | Path
     return out
 
 
+def _sqa_question(qid: str | int, prompt: str, image: str | None, prob: Mapping, pid: str) -> EvalQuestion:
+    return EvalQuestion("scienceqa", qid, "", with_suffix(prompt, LETTER_ANSWER), image,
+                        int(need(prob, "answer", f"problems.json {pid}")),
+                        {"choices": list(need(prob, "choices", f"problems.json {pid}")), "subject": prob.get("subject")})
+
+
+def _sqa_own(path: Path, problems: Mapping) -> list[EvalQuestion]:
+    """problems.json as the question file: the test problems of the pid_splits.json beside it,
+    prompted as lmms-eval's scienceqa task (and LLaVA-1.5's llava_test_CQM-A.json) prompt them:
+    "Context: <hint>" (when there is one), the question, "A. <choice>" lines."""
+    splits = path.parent / "pid_splits.json"
+    if not splits.is_file():
+        raise AlignTIError(f"{path.name} as the question file needs pid_splits.json next to it (it names the "
+                           f"test problems): not found in {str(path.parent)!r}")
+    out = []
+    for pid in map(str, need(read_json(splits, "pid_splits.json"), "test", splits.name)):
+        prob = problems.get(pid)
+        if not isinstance(prob, dict):
+            raise AlignTIError(f"pid_splits.json: test problem {pid!r} is not in {path.name}")
+        where = f"{path.name} {pid}"
+        context = f"Context: {prob['hint']}\n" if prob.get("hint") else ""
+        options = "\n".join(f"{'ABCDE'[i]}. {c}" for i, c in enumerate(need(prob, "choices", where)))
+        image = f"{pid}/{prob['image']}" if prob.get("image") else None
+        out.append(_sqa_question(pid, f"{context}{need(prob, 'question', where)}\n{options}", image, prob, pid))
+    return out
+
+
 def _load_scienceqa(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
+    rows = read_json(path, "ScienceQA questions")
+    if isinstance(rows, dict):
+        return _sqa_own(path, rows)
     base = locate(annotations, path, [path.parent / "problems.json"], "ScienceQA problems.json")
     base = base.parent if base.is_file() else base
     problems = read_json(base / "problems.json", "ScienceQA problems.json")
     splits = base / "pid_splits.json"
     # eval_science_qa.py scores the problems of the test split only.
     test_ids = set(map(str, read_json(splits, "pid_splits.json")["test"])) if splits.is_file() else None
-    rows = read_json(path, "ScienceQA questions")
     if not isinstance(rows, list):
-        raise AlignTIError(f"{path.name}: expected a JSON list of LLaVA conversation records")
+        raise AlignTIError(f"{path.name}: expected a JSON list of LLaVA conversation records or problems.json")
     out = []
     for n, row in enumerate(rows):
         where = f"{path.name} record {n}"
@@ -146,21 +217,15 @@ def _load_scienceqa(path: Path, annotations: str | Path | None, image_root: str 
         human = next((t.get("value", "") for t in row.get("conversations", []) if t.get("from") == "human"), None)
         if human is None:
             raise AlignTIError(f"{where}: no human turn in 'conversations'")
-        prompt = with_suffix(human.replace("<image>", "").strip(), LETTER_ANSWER)
-        out.append(EvalQuestion("scienceqa", need(row, "id", where), "", prompt, row.get("image"),
-                                int(need(prob, "answer", f"problems.json {pid}")),
-                                {"choices": list(need(prob, "choices", f"problems.json {pid}")),
-                                 "subject": prob.get("subject")}))
+        out.append(_sqa_question(need(row, "id", where), human.replace("<image>", ""), row.get("image"), prob, pid))
     return out
 
 
 def _tsv_rows(path: Path) -> list[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # inline base64 images are long fields
+    text = read_text(path, "MMBench TSV")
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
-    except FileNotFoundError:
-        raise AlignTIError(f"MMBench TSV not found: {str(path)!r}") from None
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
     except csv.Error as e:
         raise AlignTIError(f"MMBench TSV {str(path)!r} is malformed: {e}") from None
 

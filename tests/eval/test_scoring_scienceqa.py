@@ -6,6 +6,7 @@ import json
 import pytest
 
 from alignti.eval.formats import LETTER_ANSWER
+from alignti.errors import AlignTIError
 from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_scienceqa
 from alignti.eval.scoring.scienceqa import sqa_correct, sqa_parse
@@ -85,3 +86,21 @@ def test_score_lmms_eval(tmp_path):
     assert res["score"] == pytest.approx(75)
     assert res["accuracy_all"] == pytest.approx(80)  # + "A. m" ok -> 4/5
     assert res["per_subject_image"] == pytest.approx({"natural science": 50, "social science": 100})
+
+
+def test_problems_json_is_a_question_file(tmp_path):
+    # problems.json + pid_splits.json hold everything: LLaVA's llava_test_CQM-A.json is not needed.
+    qfile, answers = _files(tmp_path)
+    llava, own = load_questions("scienceqa", qfile), load_questions("scienceqa", tmp_path / "problems.json")
+    assert [(q.key, q.image, q.answer, q.meta) for q in own] == [(q.key, q.image, q.answer, q.meta) for q in llava]
+    # The prompt as lmms-eval's scienceqa task (and LLaVA-1.5's converted file) writes it.
+    assert own[0].prompt == f"Q1\nA. cat\nB. dog\nC. bird\n{LETTER_ANSWER}"
+    for scoring in ("llava", "lmms-eval"):
+        assert score_scienceqa(own, answers, scoring) == score_scienceqa(llava, answers, scoring)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    problems["1"]["hint"] = "Look at the map."
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    assert load_questions("scienceqa", tmp_path / "problems.json")[0].prompt.startswith("Context: Look at the map.\nQ1\n")
+    (tmp_path / "pid_splits.json").unlink()  # without it the train split would be scored too
+    with pytest.raises(AlignTIError, match="pid_splits.json"):
+        load_questions("scienceqa", tmp_path / "problems.json")
