@@ -46,7 +46,8 @@ def _param(f: dataclasses.Field, tp: Any) -> Callable:
         return click.argument(f.name, type=ctype, required=required)
     if base is bool:
         return click.option(f"--{name}/--no-{name}", f.name, **given, show_default=True, help=meta.get("help"))
-    return click.option(f"--{name}", f.name, type=ctype, **given, show_default=default is not None, help=meta.get("help"))
+    return click.option(f"--{name}", f.name, type=ctype, **given, show_default=default is not None,
+                        help=meta.get("help"))
 
 
 def from_dataclass(config_cls: type) -> Callable:

@@ -169,7 +169,8 @@ def _load_mme(path: Path, annotations: str | Path | None, image_root: str | Path
 def _sqa_question(qid: str | int, prompt: str, image: str | None, prob: Mapping, pid: str) -> EvalQuestion:
     return EvalQuestion("scienceqa", qid, "", with_suffix(prompt, LETTER_ANSWER), image,
                         int(need(prob, "answer", f"problems.json {pid}")),
-                        {"choices": list(need(prob, "choices", f"problems.json {pid}")), "subject": prob.get("subject")})
+                        {"choices": list(need(prob, "choices", f"problems.json {pid}")),
+                         "subject": prob.get("subject")})
 
 
 def _sqa_own(path: Path, problems: Mapping) -> list[EvalQuestion]:
@@ -197,14 +198,14 @@ def _load_scienceqa(path: Path, annotations: str | Path | None, image_root: str 
     rows = read_json(path, "ScienceQA questions")
     if isinstance(rows, dict):
         return _sqa_own(path, rows)
+    if not isinstance(rows, list):
+        raise AlignTIError(f"{path.name}: expected a JSON list of LLaVA conversation records, or problems.json")
     base = locate(annotations, path, [path.parent / "problems.json"], "ScienceQA problems.json")
     base = base.parent if base.is_file() else base
     problems = read_json(base / "problems.json", "ScienceQA problems.json")
     splits = base / "pid_splits.json"
     # eval_science_qa.py scores the problems of the test split only.
     test_ids = set(map(str, read_json(splits, "pid_splits.json")["test"])) if splits.is_file() else None
-    if not isinstance(rows, list):
-        raise AlignTIError(f"{path.name}: expected a JSON list of LLaVA conversation records or problems.json")
     out = []
     for n, row in enumerate(rows):
         where = f"{path.name} record {n}"

@@ -69,7 +69,7 @@ def test_unknown_mode_and_benchmark():
 def test_missing_ground_truth_is_a_clear_error(tmp_path):
     qfile = tmp_path / "llava_gqa_testdev_balanced.jsonl"
     qfile.write_text(json.dumps({"question_id": "1", "image": "a.jpg", "text": "Q?"}) + "\n")
-    with pytest.raises(AlignTIError, match=r"testdev_balanced_questions.json\) is needed .*; pass it with --annotations"):
+    with pytest.raises(AlignTIError, match=r"questions.json\) is needed .*; pass it with --annotations"):
         load_questions("gqa", qfile)
     with pytest.raises(AlignTIError, match="question file not found"):
         load_questions("gqa", tmp_path / "nope.jsonl")

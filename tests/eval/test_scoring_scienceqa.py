@@ -100,7 +100,8 @@ def test_problems_json_is_a_question_file(tmp_path):
     problems = json.loads((tmp_path / "problems.json").read_text())
     problems["1"]["hint"] = "Look at the map."
     (tmp_path / "problems.json").write_text(json.dumps(problems))
-    assert load_questions("scienceqa", tmp_path / "problems.json")[0].prompt.startswith("Context: Look at the map.\nQ1\n")
+    first = load_questions("scienceqa", tmp_path / "problems.json")[0]
+    assert first.prompt.startswith("Context: Look at the map.\nQ1\n")
     (tmp_path / "pid_splits.json").unlink()  # without it the train split would be scored too
     with pytest.raises(AlignTIError, match="pid_splits.json"):
         load_questions("scienceqa", tmp_path / "problems.json")
