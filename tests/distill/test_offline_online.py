@@ -1,5 +1,5 @@
 """Offline equals online: loss terms from the written-and-read cache equal those from the teacher's
-in-memory `TeacherSignals` output, ids exactly and losses within the storage rounding.
+in-memory `HfTeacher` output, ids exactly and losses within the storage rounding.
 
 Also holds the small world (tokenizer, teacher, student, shapes corpus, cache) the other distill
 tests build on; its helpers are plain functions so other modules can import them.
@@ -26,7 +26,7 @@ from alignti.distill.dataset import DistillExample, cache_examples, verify_align
 from alignti.distill.losses import build_loss_config
 from alignti.distill.step import loss_terms
 from alignti.models.probe import l1_normalize, probe_attention
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer
@@ -75,7 +75,7 @@ class World:
     data: str
     image_root: str
     cache: str
-    signals: list[SampleSignals]  # in memory, straight from TeacherSignals
+    signals: list[SampleSignals]  # in memory, straight from HfTeacher
 
     @property
     def pad_id(self) -> int:
@@ -90,7 +90,7 @@ class World:
 
 
 def make_world(tmp: Path, settings: CacheSettings = SETTINGS, n: int = 6) -> World:
-    """Tiny teacher -> TeacherSignals over a shapes corpus -> CacheWriter; plus a student."""
+    """Tiny teacher -> HfTeacher over a shapes corpus -> CacheWriter; plus a student."""
     teacher, processor = build_tiny_llava(TinySpec(), tokenizer())
     sharpen(teacher, 4.0)
     teacher_dir = save_model_dir(teacher, processor, tmp / "teacher")
@@ -99,7 +99,7 @@ def make_world(tmp: Path, settings: CacheSettings = SETTINGS, n: int = 6) -> Wor
     encoder = SampleEncoder(processor, str(tmp / "shapes"), 512)
     samples = [encoder.encode(r) for r in read_corpus(data)]
     pad = tokenizer().pad_token_id
-    signals = TeacherSignals(teacher, settings, pad, chunk_size=5)(collate(samples, pad))
+    signals = HfTeacher(teacher, settings, pad, chunk_size=5)(collate(samples, pad))
     manifest = CacheManifest.create(fingerprint_model_dir(teacher_dir), settings,
                                     extra={"data": data, "image_root": str(tmp / "shapes")})
     with CacheWriter.open(tmp / "cache", manifest, part_size=4) as writer:  # two parts
