@@ -135,7 +135,7 @@ def prepare_root(root: Path, manifest: CacheManifest, *, worker: int, num_worker
                  overwrite: bool) -> None:
     """Bring `root` to a state where this worker may add parts (see module docstring)."""
     if resume and overwrite:
-        raise AlignTIError("resume and overwrite are mutually exclusive")
+        raise ValueError("resume and overwrite are mutually exclusive")
     check_root_is_ours(root)
     if overwrite:  # the old cache.json is not even parsed: it may be of another schema version
         if worker == 0:

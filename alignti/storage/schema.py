@@ -200,7 +200,10 @@ class CacheManifest:
                     dict(d.get("extra", {})))
         except (TypeError, ValueError, AttributeError) as e:
             raise AlignTIError(f"{where} is malformed ({type(e).__name__}: {e})") from None
-        check_fingerprint(m.teacher_fingerprint, f"{where} teacher_fingerprint")
+        try:
+            check_fingerprint(m.teacher_fingerprint, f"{where} teacher_fingerprint")
+        except ValueError as e:
+            raise AlignTIError(str(e)) from None
         if m.encoding != DEFAULT_ENCODING:
             raise AlignTIError(f"{where} uses encoding {m.encoding}; this alignti reads {DEFAULT_ENCODING}")
         return m
@@ -211,13 +214,13 @@ DEFAULT_ENCODING: dict[str, Any] = {"logprob_step": LOGPROB_STEP, "logprob_code_
 
 
 def check_fingerprint(fp: dict[str, Any], what: str = "teacher fingerprint") -> None:
-    """Raise AlignTIError unless `fp` has every FINGERPRINT_KEYS key with a str/int value."""
+    """ValueError unless `fp` has every FINGERPRINT_KEYS key with a str/int value."""
     missing = [k for k in FINGERPRINT_KEYS if k not in fp]
     if missing:
-        raise AlignTIError(f"{what} is missing {missing}")
+        raise ValueError(f"{what} is missing {missing}")
     bad = [k for k, v in fp.items() if not isinstance(v, (str, int)) or isinstance(v, bool)]
     if bad:
-        raise AlignTIError(f"{what} has non str/int values for {bad}")
+        raise ValueError(f"{what} has non str/int values for {bad}")
 
 
 def manifest_differences(a: CacheManifest, b: CacheManifest) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.errors import AlignTIError
 from alignti.extract.irs import IrsConfig, compute_irs, run_irs
 from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
@@ -60,3 +61,15 @@ def test_irs_command_writes_scores_and_plot(world, tmp_path):
     assert saved == res and len(saved["scores"]) == 3 and saved["num_samples"] == 8
     assert saved["layer"] == max(range(3), key=lambda i: saved["scores"][i])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_irs_command_needs_two_usable_samples(world, tmp_path, monkeypatch):
+    """Too few calibration samples is the corpus's fault: one line, before the model is loaded."""
+    import alignti.extract.irs as irs
+
+    teacher, shapes = world
+    monkeypatch.setattr(irs, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(AlignTIError, match="2 usable samples"):
+        run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
+                          out=str(tmp_path / "irs.json"), samples=1))
+    assert not (tmp_path / "irs.json").exists()
