@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from alignti.data.batching import Batch, collate, length_grouped
+from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
