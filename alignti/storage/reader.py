@@ -164,9 +164,6 @@ class CacheReader:
                 out[pos] = placed[j]
         return out  # type: ignore[return-value]
 
-    def get_by_ids(self, sample_ids: Sequence[str]) -> list[SampleSignals]:
-        return self.get_batch(self.index_of(sample_ids))
-
     def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
                      drop_last: bool = False) -> Iterator[list[SampleSignals]]:
         """Batches over the whole cache; the order depends only on (len, seed), so `start_batch`
