@@ -72,8 +72,8 @@ class HfTeacher:
         proposals = [self._proposals(s, hidden[b], r) for b, (s, r) in enumerate(zip(batch.samples, response))]
         tpa = self._candidate_rows(batch, response, proposals, cache)
         iva = [self._iva(s, hidden[b], None if saliency is None else saliency[b]) for b, s in enumerate(batch.samples)]
-        return [to_sample_signals(s, TeacherOutput(*parts), self.settings)
-                for s, *parts in zip(batch.samples, response, tpa, iva)]
+        return [to_sample_signals(s, TeacherOutput(response=r, tpa=t, iva=v), self.settings)
+                for s, r, t, v in zip(batch.samples, response, tpa, iva)]
 
     def _response(self, s: EncodedSample, hidden: torch.Tensor) -> ResponseRows:
         """Top-k rows at the response positions. hidden: [T, H]."""

@@ -157,7 +157,8 @@ class VllmTeacher:
         tpa = self._candidate_rows(batch.samples, images, response, proposals)
         iva = [self._iva(s, e, None if saliency is None else saliency[b].float().cpu())
                for b, (s, e) in enumerate(zip(batch.samples, entries))]
-        return [to_sample_signals(s, TeacherOutput(*parts), st) for s, *parts in zip(batch.samples, response, tpa, iva)]
+        return [to_sample_signals(s, TeacherOutput(response=r, tpa=t, iva=v), st)
+                for s, r, t, v in zip(batch.samples, response, tpa, iva)]
 
     def _response(self, s: EncodedSample, entries: Sequence[LogprobEntry | None]) -> ResponseRows:
         """Top-k rows at the response positions, from one sample's prompt log-probs."""
@@ -196,7 +197,9 @@ class VllmTeacher:
         st = self.settings
         prompts = []
         for s, image, r, p in zip(samples, images, response, proposals):
-            for step, row in zip(p.steps(r).tolist(), p.cand_ids.tolist()) if p is not None else ():
+            if p is None:
+                continue
+            for step, row in zip(p.steps(r).tolist(), p.cand_ids.tolist()):
                 prefix = s.input_ids[: step + 1].tolist()
                 prompts += [_prompt(prefix + [c], image) for c in row]
         if not prompts:
