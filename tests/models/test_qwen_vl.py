@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, DynamicCache
 
 from alignti.errors import AlignTIError
-from alignti.extract.probe import probe_attention, text_attn_implementation
-from alignti.extract.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
+from alignti.models.probe import probe_attention, text_attn_implementation
+from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
 from alignti.models.qwen_vl import (
     CHAT_TEMPLATE, FAMILIES, VISION_TOKENS, ImageBatch, QwenVLSpec, build_tiny_qwen_vl, expected_vision_tokens,
     image_token_ids, process_images, save_model_dir,
