@@ -1,7 +1,7 @@
 """`alignti data shapes`: a seeded synthetic VQA corpus of coloured shapes in LLaVA format.
 
 Every first question has one of five types, balanced exactly (each block of five consecutive
-records holds one of each): `color` ("What colour is the square?", the shape is unique in the
+images holds one of each): `color` ("What colour is the square?", the shape is unique in the
 image), `shape` ("What shape is the red object?", the colour is unique), `position` ("Where is
 the red circle?" -> one of "top left|top right|bottom left|bottom right"), `count` ("How many
 red objects are there?" / "How many circles are there?" -> "0".."3", answers balanced) and
@@ -51,12 +51,14 @@ MULTI_TURN_FRACTION = 0.2
 # position question (so the test split holds exactly as many descriptions as position questions).
 DESCRIBED_TYPE = "position"
 
+
 @dataclass(frozen=True)
 class ShapesConfig:
     """Options of `alignti data shapes`."""
 
     out: str = field(metadata={"help": "output directory (train.json, test.json, images/); also the image root"})
-    n: int = field(default=2000, metadata={"help": "number of images, each with one record (train + test)"})
+    n: int = field(default=2000, metadata={
+        "help": "number of images (train + test), one record each, plus description records in the long styles"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed writes the same bytes"})
     image_size: int = field(default=64, metadata={"help": "image side in pixels (>= 32)"})
     test_fraction: float = field(default=0.1, metadata={"help": "share of records in test.json, stratified by question type"})
