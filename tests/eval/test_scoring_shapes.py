@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignti.eval.formats import load_questions
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_shapes
 from alignti.eval.scoring.shapes import final_answer, token_f1
 
