@@ -7,6 +7,7 @@ IRS(l) (irs_score.py), picks l* = argmax, and writes `irs.json` plus a small bar
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,14 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
-from alignti.data.corpus import read_corpus
+from alignti.data.corpus import check_corpus, check_image_root, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.errors import AlignTIError
+from alignti.errors import AlignTIError, check_min
 from alignti.extract.irs_score import choose_layer, irs_scores
-from alignti.models.probe import probe_attention, probe_targets
+from alignti.models.devices import check_device, check_dtype
 from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.probe import probe_attention, probe_targets
+from alignti.storage.files import write_errors
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,19 @@ class IrsConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
 
+    def __post_init__(self) -> None:
+        check_min(1, batch_size=self.batch_size)
+        check_min(2, samples=self.samples)  # IRS compares calibration samples pairwise
+        check_min(8, max_length=self.max_length)
+        check_device(self.device)
+        check_dtype(self.dtype)
 
-def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[EncodedSample]:
-    """The first n encodable samples that have an image (rejects are skipped)."""
-    out = []
+
+def calibration_samples(encoder: SampleEncoder, data: str, n: int, hint: str = "") -> list[EncodedSample]:
+    """The first n encodable samples that have an image (rejects are skipped); an AlignTIError
+    saying why (and `hint`) when there are fewer than the 2 that IRS needs."""
+    out, rejects = [], Counter()
+    example = ""
     for row in read_corpus(data):
         if len(out) >= n:
             break
@@ -50,6 +62,14 @@ def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[Encod
             enc = encoder.encode(row)
             if isinstance(enc, EncodedSample):
                 out.append(enc)
+            else:
+                rejects[enc.reason] += 1
+                example = example or enc.detail
+    if len(out) < 2:
+        why = (f"rows with images rejected: {', '.join(f'{r} {k}' for r, k in rejects.most_common())}, e.g. "
+               f"{example} (image root {encoder.image_root})" if rejects else "no row has an image")
+        raise AlignTIError(f"IRS needs >= 2 usable samples with images in {data}, found {len(out)} ({why})"
+                           + (f"; {hint}" if hint else ""))
     return out
 
 
@@ -95,19 +115,22 @@ def plot_irs(scores: list[float], chosen: int, path: Path) -> None:
 
 def run_irs(cfg: IrsConfig) -> dict:
     """Score the layers, write irs.json and irs.png, return the result."""
+    out = Path(cfg.out)
+    check_corpus(cfg.data)
+    check_image_root(cfg.image_root)
+    if out.is_dir() or out.with_suffix(".png").is_dir():
+        raise AlignTIError(f"--out {str(out)!r} (and its .png beside it) must be a file path, not a directory")
     device = resolve_device(cfg.device)
     processor = load_processor(cfg.teacher)
     encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
-    samples = calibration_samples(encoder, cfg.data, cfg.samples)
-    if len(samples) < 2:  # the corpus's fault: said before the model is loaded
-        raise AlignTIError(f"irs needs >= 2 usable samples with images in {cfg.data}, found {len(samples)}")
+    samples = calibration_samples(encoder, cfg.data, cfg.samples)  # the corpus's fault: said before the model loads
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
     result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot_irs(result["scores"], chosen, out.with_suffix(".png"))
+    with write_errors("IRS result", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        plot_irs(result["scores"], chosen, out.with_suffix(".png"))
     return result
 

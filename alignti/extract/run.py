@@ -20,16 +20,17 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
-from alignti.data.corpus import Reject, read_corpus
+from alignti.data.corpus import Reject, check_corpus, check_image_root, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.errors import AlignTIError
+from alignti.errors import AlignTIError, check_min
 from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
+from alignti.models.devices import check_device, check_dtype
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
-from alignti.storage.lifecycle import load_existing, local_root
+from alignti.storage.lifecycle import check_can_open, load_existing, local_root
 from alignti.storage.schema import CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
 
@@ -62,6 +63,9 @@ class ExtractConfig:
     worker: str | None = field(default=None, metadata={"help": "i/n: this process handles rows i, i+n, ... "
                                                                 "(default: RANK/WORLD_SIZE env, else 0/1)"})
     resume: bool = field(default=False, metadata={"help": "continue an existing cache (same teacher and settings)"})
+    retry_rejects: bool = field(default=False, metadata={
+        "help": "with --resume: try the rows the cache rejected again (after fixing images or the image root); "
+                "a row that now works becomes a sample, one that fails again stays a reject with its new reason"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing cache first"})
     seed: int = field(default=0, metadata={"help": "seed for --tpa-proposal sample"})
     chunk_size: int = field(default=256, metadata={"help": "rows per LM-head chunk (memory bound)"})
@@ -80,8 +84,14 @@ class ExtractConfig:
             raise AlignTIError("--tpa-proposal top needs --tpa-d <= --top-k - 2")
         if self.iva_layer not in ("auto", "none") and not self.iva_layer.lstrip("-").isdigit():
             raise AlignTIError(f"--iva-layer must be auto, none or an integer, got {self.iva_layer!r}")
-        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
-            raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
+        if self.retry_rejects and not self.resume:
+            raise AlignTIError("--retry-rejects retries the rejects of the cache being resumed: it needs --resume")
+        check_min(1, batch_size=self.batch_size, part_size=self.part_size, chunk_size=self.chunk_size,
+                  iva_max_positions=self.iva_max_positions, tpa_max_positions=self.tpa_max_positions, limit=self.limit)
+        check_min(2, irs_samples=self.irs_samples)  # IRS compares calibration samples pairwise
+        check_min(8, max_length=self.max_length)
+        check_device(self.device)
+        check_dtype(self.dtype)
         parse_worker(self.worker)
         if self.backend == "vllm":
             check_vllm_settings(self.tpa_d, self.tpa_proposal)
@@ -116,9 +126,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     existing = load_existing(local_root(cfg.out)) if cfg.resume and Path(cfg.out).exists() else None
     if existing is not None and existing.settings.iva_layer is not None:
         return existing.settings.iva_layer, existing.settings.irs_scores
-    samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
-    if len(samples) < 2:
-        raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
+    samples = calibration_samples(encoder, cfg.data, cfg.irs_samples, hint="or pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), [round(float(s), 6) for s in scores]
 
@@ -151,6 +159,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Run the teacher over the corpus and write the cache; returns the summary."""
     start = time.time()
     worker, num_workers = resolve_worker(*parse_worker(cfg.worker))
+    # Inputs and output first: a bad path is reported before the teacher loads, IRS runs or a file is written.
+    check_corpus(cfg.data)
+    check_image_root(cfg.image_root)
+    check_can_open(local_root(cfg.out), num_workers, resume=cfg.resume, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -171,7 +183,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         "data": str(Path(cfg.data).resolve()), "image_root": str(Path(cfg.image_root).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()), "backend": cfg.backend})
     writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
-                              overwrite=cfg.overwrite, part_size=cfg.part_size)
+                              overwrite=cfg.overwrite, part_size=cfg.part_size, retry_rejects=cfg.retry_rejects)
     if cfg.backend == "vllm":
         teacher = vllm_teacher(cfg, settings, device, dtype, teacher_config.image_token_id)
     else:
