@@ -120,7 +120,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     if len(samples) < 2:
         raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
-    return choose_layer(scores), [round(float(s), 6) for s in scores]
+    return choose_layer(scores), scores.tolist()  # full precision: JSON floats round-trip
 
 
 def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype: torch.dtype,

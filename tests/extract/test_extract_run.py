@@ -7,8 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
+from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.run import ExtractConfig, run_extract
+from alignti.models.loading import load_model, load_processor
 from alignti.models.tiny import save_model_dir
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP
@@ -75,6 +78,12 @@ def test_full_run_records_every_reject_kind(world, tmp_path):
     s = r.manifest.settings
     assert s.iva_layer is not None and len(s.irs_scores) == 3 and s.iva_layer == int(np.argmax(s.irs_scores))
     assert len(r.rejects()) == 7
+    # IRS scores are stored exactly (JSON floats round-trip), so l* can be re-derived from cache.json
+    root, teacher, shapes = world
+    model, processor = load_model(str(teacher)), load_processor(str(teacher))
+    calib = calibration_samples(SampleEncoder(processor, str(shapes), 160), str(root / "corpus.jsonl"), 8)
+    scores = compute_irs(model, calib, processor.tokenizer.pad_token_id, batch_size=4)
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["settings"]["irs_scores"] == scores.tolist()
     # a second run without --resume/--overwrite refuses, touching nothing
     with pytest.raises(AlignTIError):
         run_extract(cfg(world, tmp_path / "c"))
