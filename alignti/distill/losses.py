@@ -4,12 +4,15 @@ Every term returns `(sum, count)`: fp32 scalar tensors on the logits' device, `s
 the graph. The training step adds sums and counts over micro-batches (and ranks) and divides
 once by the global count (`combine`), so a mean is exact under gradient accumulation and data
 parallelism whatever the micro-batch sizes (torchtitan's convention). A term with nothing to
-score returns `(0, 0)` with a zero, NaN-free gradient.
+score returns `(0, 0)` with a zero, NaN-free gradient. The row terms take logits rows, or hidden
+rows plus `head=` (the fused LM head: applied per chunk inside the recomputed chunk,
+`kl.chunked_row_sum`).
 
 Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 - `sft_loss`:  cross-entropy over labelled targets (count: labelled targets).
 - `sft_rows_loss`: the same on pre-gathered rows (count: rows).
 - `kd_loss`:   top-k KL at response rows (count: rows).
+- `sft_kd_loss`: both of those in one pass over the response rows.
 - `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
 - `iva_attention_loss`: KL(teacher saliency || student attention) (count: samples).
 - `tpa_loss`:  candidate-weighted top-k KL at ribbon candidate rows (count: steps).
@@ -20,6 +23,7 @@ Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alignti.distill.kl import DIVERGENCES, TAILS, check_divergence, chunked_row_sum, chunked_topk_kl
+from alignti.distill.kl import (
+    DIVERGENCES, TAILS, Head, check_divergence, chunked_row_sum, chunked_topk_kl, topk_kl_rows,
+)
 from alignti.errors import AlignTIError
 
 IGNORE_INDEX = -100
@@ -71,19 +77,24 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 10
     return total, _count(rows.numel(), logits)
 
 
-def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> SumCount:
+def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, *,
+                  row_index: torch.Tensor | None = None, head: Head | None = None) -> SumCount:
     """Summed cross-entropy of pre-selected rows, and their number (the distill step's L_sft).
 
     logits_rows: [N, V] any float dtype, the logits of the positions whose next token is
-    labelled (already gathered, e.g. only the response rows of a ribbon); targets: [N] int, the
-    labelled next tokens. Chunked, upcast to fp32 and recomputed in backward like `sft_loss`;
-    no host sync. N = 0 -> (0, 0) with a zero, NaN-free gradient.
+    labelled (already gathered, e.g. only the response rows of a ribbon), or [M, V] with
+    row_index [N] long selecting them; with `head` (the fused LM head, `kl.chunked_row_sum`)
+    hidden states [N, H] / [M, H] instead. targets: [N] int, the labelled next tokens. Chunked,
+    upcast to fp32 and recomputed in backward like `sft_loss`; no host sync. N = 0 -> (0, 0)
+    with a zero, NaN-free gradient.
     """
-    if logits_rows.dim() != 2 or targets.shape != logits_rows.shape[:1]:
+    n = logits_rows.shape[0] if row_index is None else row_index.shape[0]
+    if logits_rows.dim() != 2 or targets.shape != (n,):
         raise AlignTIError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
                            f"{tuple(targets.shape)} disagree")
-    total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), chunk_size=chunk_size)
-    return total, _count(targets.shape[0], logits_rows)
+    total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), row_index=row_index, chunk_size=chunk_size,
+                            head=head)
+    return total, _count(n, logits_rows)
 
 
 def kd_loss(
@@ -96,16 +107,55 @@ def kd_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over response rows of KL_k(teacher || student), N).
 
     student_logits_rows: [N, V] (or [M, V] with row_index [N] long, e.g. the [B*T, V] view of
-    the full logits and the flat positions of the response rows); teacher_ids,
-    teacher_logprobs: [N, k]. Divergence options as in `kl.topk_kl_rows`.
+    the full logits and the flat positions of the response rows), or hidden states with `head`
+    (as in `sft_rows_loss`); teacher_ids, teacher_logprobs: [N, k]. Divergence options as in
+    `kl.topk_kl_rows`.
     """
     total, _ = chunked_topk_kl(student_logits_rows, teacher_ids, teacher_logprobs, row_index=row_index,
-                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail, head=head)
     return total, _count(teacher_ids.shape[0], student_logits_rows)
+
+
+def _sft_kd_rows(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor,
+                 **div: Any) -> torch.Tensor:
+    """logits [c, V] fp32 -> [c, 2]: cross-entropy and top-k KL of each row."""
+    return torch.stack([_ce_rows(logits, targets), topk_kl_rows(logits, ids, lps, **div)], -1)
+
+
+def sft_kd_loss(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    head: Head | None = None,
+) -> tuple[SumCount, SumCount]:
+    """(`sft_rows_loss`, `kd_loss`) of the same response rows in one pass over them.
+
+    Arguments as in those two. With the fused head this applies the head to each chunk once
+    (and once more in backward) for both terms, instead of once per term.
+    """
+    n = rows.shape[0] if row_index is None else row_index.shape[0]
+    if targets.shape != (n,) or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 \
+            or teacher_ids.shape[0] != n:
+        raise AlignTIError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}, ids "
+                           f"{tuple(teacher_ids.shape)}, logprobs {tuple(teacher_logprobs.shape)}")
+    check_divergence(divergence, beta, tail)
+    fn = functools.partial(_sft_kd_rows, divergence=divergence, beta=beta, tail=tail)
+    total = chunked_row_sum(fn, rows, (targets.long(), teacher_ids, teacher_logprobs), row_index=row_index,
+                            chunk_size=chunk_size, head=head)  # [2]
+    count = _count(n, rows)
+    return (total[0], count), (total[1], count)
 
 
 def iva_weights(
@@ -139,11 +189,13 @@ def iva_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over samples of sum_{v in P} w~_v KL_k(row v), number of samples having rows).
 
     student_rows: [M, V] student logits at the salient vision positions of all samples
-    (or a larger [*, V] with row_index [M]); teacher_ids, teacher_logprobs: [M, k_v];
+    (or a larger [*, V] with row_index [M]), or hidden states with `head` (as in
+    `sft_rows_loss`); teacher_ids, teacher_logprobs: [M, k_v];
     saliency_weights: [M] teacher saliency w at those positions; sample_index: [M] which sample
     each row belongs to, in [0, num_samples). w~ = w renormalised over each sample's rows.
     """
@@ -153,7 +205,7 @@ def iva_loss(
                            f"sample_index {tuple(sample_index.shape)}")
     w_tilde, count = iva_weights(saliency_weights, sample_index, num_samples)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=w_tilde, row_index=row_index,
-                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail, head=head)
     return total, count.to(total.device)
 
 
@@ -208,11 +260,13 @@ def tpa_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over steps t of sum_j u_{t,j} KL_k(row (t, j)), N_c).
 
     student_rows: [N_c*d, V] student logits at the ribbon candidate positions, step-major
-    (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d];
+    (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d], or
+    hidden states with `head` (as in `sft_rows_loss`);
     teacher_ids, teacher_logprobs: [N_c*d, k_t] the teacher's top-k_t of p_T(. | y_<t, a_j);
     cand_logprobs: [N_c, d] log p_T(a_j | y_<t). Weights u from `tpa_weights`.
     """
@@ -222,7 +276,7 @@ def tpa_loss(
     u, count = tpa_weights(cand_logprobs, weighting)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=u.reshape(-1),
                                row_index=row_index, chunk_size=chunk_size, divergence=divergence, beta=beta,
-                               tail=tail)
+                               tail=tail, head=head)
     return total, count.to(total.device)
 
 
