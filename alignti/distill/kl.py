@@ -58,6 +58,13 @@ def check_divergence(divergence: str, beta: float, tail: str) -> None:
         raise AlignTIError(f"jsd beta must be in [0, 1], got {beta}")
 
 
+def check_topk_rows(n: int, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> None:
+    """Raise AlignTIError unless teacher_ids and teacher_logprobs are both [n, k]."""
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
+        raise AlignTIError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
+                           f"logprobs {tuple(teacher_logprobs.shape)}")
+
+
 def padded_teacher_mass(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Teacher probability on ids outside `[0, vocab_size)`, per row.
 
@@ -262,9 +269,7 @@ def chunked_topk_kl(
     """
     check_divergence(divergence, beta, tail)
     n = student_logits.shape[0] if row_index is None else row_index.shape[0]
-    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
-        raise AlignTIError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
-                           f"logprobs {tuple(teacher_logprobs.shape)}")
+    check_topk_rows(n, teacher_ids, teacher_logprobs)
     if weights is not None and weights.shape != (n,):
         raise AlignTIError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     fn = functools.partial(topk_kl_rows, divergence=divergence, beta=beta, tail=tail)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from alignti.distill.kl import (
-    DIVERGENCES, TAILS, Head, check_divergence, chunked_row_sum, chunked_topk_kl, topk_kl_rows,
+    DIVERGENCES, TAILS, Head, check_divergence, check_topk_rows, chunked_row_sum, chunked_topk_kl, topk_kl_rows,
 )
 from alignti.errors import AlignTIError
 
@@ -135,23 +135,20 @@ def sft_kd_loss(
     *,
     row_index: torch.Tensor | None = None,
     chunk_size: int = 1024,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    tail: str = "bucket",
     head: Head | None = None,
+    **div: Any,
 ) -> tuple[SumCount, SumCount]:
     """(`sft_rows_loss`, `kd_loss`) of the same response rows in one pass over them.
 
-    Arguments as in those two. With the fused head this applies the head to each chunk once
-    (and once more in backward) for both terms, instead of once per term.
+    Arguments as in those two; div: divergence, beta, tail as in `kl.topk_kl_rows`. With the
+    fused head this applies the head to each chunk once (and once more in backward) for both
+    terms, instead of once per term.
     """
     n = rows.shape[0] if row_index is None else row_index.shape[0]
-    if targets.shape != (n,) or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 \
-            or teacher_ids.shape[0] != n:
-        raise AlignTIError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}, ids "
-                           f"{tuple(teacher_ids.shape)}, logprobs {tuple(teacher_logprobs.shape)}")
-    check_divergence(divergence, beta, tail)
-    fn = functools.partial(_sft_kd_rows, divergence=divergence, beta=beta, tail=tail)
+    check_topk_rows(n, teacher_ids, teacher_logprobs)
+    if targets.shape != (n,):
+        raise AlignTIError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}")
+    fn = functools.partial(_sft_kd_rows, **div)
     total = chunked_row_sum(fn, rows, (targets.long(), teacher_ids, teacher_logprobs), row_index=row_index,
                             chunk_size=chunk_size, head=head)  # [2]
     count = _count(n, rows)
