@@ -67,7 +67,9 @@ def extract(cfg: ExtractConfig) -> None:
 @from_dataclass(DistillConfig)
 def distill(cfg: DistillConfig) -> None:
     """Train a student from the teacher-signal cache (or SFT from a corpus); the teacher is never loaded."""
-    click.echo(json.dumps(run_distill(cfg), indent=2))
+    summary = run_distill(cfg)  # None on every process but the main one (accelerate launch)
+    if summary is not None:
+        click.echo(json.dumps(summary, indent=2))
 
 
 @cli.command("eval")

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.distill.config import DistillConfig
 from alignti.distill.parallel import run_many
@@ -126,10 +127,10 @@ def prepare_workdir(path: str) -> Path:
 
 
 def train_config(student: Path, out: Path, plan: DemoPlan, steps: int, lr: float, seed: int, **kw) -> DistillConfig:
-    """One distill run with the demo's fixed budget."""
-    return DistillConfig(student=str(student), out=str(out), max_steps=steps, epochs=10_000, lr=lr,
-                         batch_size=plan.batch_size, warmup_steps=max(1, steps // 20), save_every=0, seed=seed,
-                         adam_beta2=0.98, progress=True, **kw)
+    """One distill run with the demo's fixed budget; `kw` are further `alignti distill` options."""
+    return build(DistillConfig, dict(student=str(student), out=str(out), max_steps=steps, epochs=10_000, lr=lr,
+                                     batch_size=plan.batch_size, warmup_steps=max(1, steps // 20), save_every=0,
+                                     seed=seed, adam_beta2=0.98, progress=True, **kw))
 
 
 def pretrain_demo_tower(model_dir: Path, corpus: Path, root: Path, steps: int,

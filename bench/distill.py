@@ -41,10 +41,11 @@ from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import DistillConfig
-from alignti.distill.dataset import DistillExample, cache_examples
-from alignti.distill.losses import build_loss_config
+from alignti.distill.config import LossConfig
+from alignti.distill.examples import DistillExample, cache_examples
+from alignti.distill.objective import Objective
 from alignti.distill.order import epoch_micro_batches
-from alignti.distill.train import DistillObjective, build_optimizer, freeze, make_accelerator, optimizer_step
+from alignti.distill.train import build_optimizer, freeze, make_accelerator, optimizer_step
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import TeacherSignals
 from alignti.models.loading import load_model, load_processor
@@ -112,8 +113,8 @@ class Stepper:
 
     def __init__(self, model, acc, recipe: str, pad_id: int, image_token_id: int, **weights: float) -> None:
         self.acc, self.model, self.pad_id, self.image_token_id = acc, model, pad_id, image_token_id
-        self.loss_cfg = build_loss_config(recipe, **weights)
-        self.objective = DistillObjective(model, self.loss_cfg, None)
+        self.loss_cfg = LossConfig(recipe, **weights)
+        self.objective = Objective(model, self.loss_cfg)
         self.vocab = model.get_input_embeddings().num_embeddings
 
     def __call__(self, examples: list, optimizer) -> None:
@@ -144,7 +145,8 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
     settings = reader.manifest.settings
     offline = []
     if mode != "mem-online":
-        offline, _ = cache_examples(reader, SampleEncoder(processor, None, 2048), None)
+        examples, _ = cache_examples(reader, SampleEncoder(processor, None, 2048), None)
+        offline = examples.get_many(range(len(examples)))  # built once, outside the timings
     online = mode != "mem-offline"
     if online:
         encoder = SampleEncoder(processor, str(work / "shapes"), 2048)
@@ -164,11 +166,10 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
     lengths = [e.student.length for e in offline] if offline else [s.length for s in samples]
     micro = epoch_micro_batches(lengths, args.batch_size, 0, 0)
     micro = [m for m in micro if len(m) == args.batch_size][: args.warmup + args.steps]
-    layer, depth = settings.iva_layer, reader.manifest.teacher_fingerprint["num_hidden_layers"]
 
     def online_examples(idx: list[int]) -> list:
         group = [samples[i] for i in idx]
-        return [DistillExample(s, sig, layer, depth) for s, sig in zip(group, teacher(collate(group, pad_id)))]
+        return [DistillExample(s, sig) for s, sig in zip(group, teacher(collate(group, pad_id)))]
 
     kinds = {"steps": ("sft", "kd", "kd+iva", "kd+tpa", "alignti", "online"), "mem-offline": ("alignti",),
              "mem-online": ("online",)}[mode]
@@ -202,8 +203,9 @@ def loader_rates(work: Path, batch_size: int) -> dict:
     read = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     examples, _ = cache_examples(reader, SampleEncoder(processor, None, 2048), None)
+    examples = examples.get_many(range(len(examples)))  # join, encode, read signals, verify
     build = len(examples) / (time.perf_counter() - t0)
-    loss_cfg = build_loss_config("alignti")
+    loss_cfg = LossConfig("alignti")
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         build_distill_batch(examples[start:start + batch_size], processor.tokenizer.pad_token_id,

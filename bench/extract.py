@@ -27,11 +27,10 @@ from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.extract.probe import probe_attention
-from alignti.extract.ribbon import build_candidate_pass
+from alignti.models.probe import probe_attention, probe_targets
+from alignti.models.ribbon import build_candidate_pass
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.signals import propose_top
-from alignti.extract.teacher import probe_targets
 from alignti.models.loading import load_model, load_processor
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer

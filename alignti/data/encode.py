@@ -9,11 +9,16 @@ is expanded to the model's n_v vision tokens, as the LLaVA processor does.
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import ProcessorMixin
+
+from PIL import Image
 
 from alignti.data.corpus import (
     IMAGE_PLACEHOLDER, IMAGE_TOKEN_MISMATCH, MISSING_IMAGE, TOO_LONG, CorpusRow, LoadedImage, Reject, load_image,
@@ -129,25 +134,75 @@ class SampleEncoder:
                         cursor = at + len(piece)
         return full, label_spans, instr_spans
 
+    def with_image_root(self, image_root: str | None) -> SampleEncoder:
+        """The same encoder reading images from another root (a shallow copy)."""
+        enc = copy.copy(self)
+        enc.image_root = image_root
+        return enc
+
+    @functools.cached_property
+    def vision_tokens(self) -> int:
+        """n_v per image: a fixed-grid processor gives every image the same count (a blank one tells)."""
+        blank = Image.new("RGB", (32, 32))
+        return self.num_vision_tokens(self.processor.image_processor(images=[blank], return_tensors="pt")["pixel_values"])
+
+    def expanded_length(self, n_text: int, n_images: int) -> int:
+        """Sequence length once each of the `n_images` image tokens in `n_text` ids is expanded."""
+        return n_text - n_images + n_images * self.vision_tokens
+
+    def image_file(self, row: CorpusRow) -> Path | Reject | None:
+        """The row's image file (None for text-only), or why it cannot be read (no decode needed)."""
+        if not row.image:
+            return None
+        if self.image_root is None:
+            return Reject(row.source_id, MISSING_IMAGE, "row has an image but no --image-root was given")
+        path = resolve_image_path(self.image_root, row.image)
+        return Reject(row.source_id, path.reason, path.detail) if isinstance(path, Reject) else path
+
+    def _tokenise(self, row: CorpusRow, offsets: bool) -> tuple[np.ndarray, np.ndarray | None, list, list]:
+        """int64 [L] unexpanded ids, int64 [L] start char of each (with offsets), assistant and user char spans."""
+        full, label_chars, instr_chars = self.char_spans(row.turns)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
+        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64) if offsets else None
+        return np.asarray(enc["input_ids"], dtype=np.int64), starts, label_chars, instr_chars
+
+    def text_ids(self, row: CorpusRow) -> np.ndarray:
+        """int64 [L] the row's unexpanded token ids, exactly as `encode` tokenises it (no image needed)."""
+        return self._tokenise(row, offsets=False)[0]
+
+    def _token_reject(self, row: CorpusRow, text_ids: np.ndarray) -> Reject | None:
+        n_images = int((text_ids == self.image_token_id).sum())
+        if n_images != (1 if row.image else 0):
+            return Reject(row.source_id, IMAGE_TOKEN_MISMATCH, f"{n_images} image tokens after templating")
+        return None
+
+    def check_row(self, row: CorpusRow) -> tuple[int, Reject | None]:
+        """(expanded length, None) or (0, Reject): every check `encode` makes, in its order, except those
+        that need the decoded image (a corrupt file). Cheap: tokenises the text, never opens the image."""
+        image = self.image_file(row)
+        if isinstance(image, Reject):
+            return 0, image
+        text_ids = self.text_ids(row)
+        bad = self._token_reject(row, text_ids)
+        if bad is not None:
+            return 0, bad
+        length = self.expanded_length(len(text_ids), int(image is not None))
+        if length > self.max_length:
+            return 0, Reject(row.source_id, TOO_LONG, f"{length} tokens > max length {self.max_length}")
+        return length, None
+
     def encode(self, row: CorpusRow) -> EncodedSample | Reject:
         """Row -> EncodedSample, or a Reject naming why it cannot be used."""
-        image: LoadedImage | None = None
-        if row.image:
-            if self.image_root is None:
-                return Reject(row.source_id, MISSING_IMAGE, "row has an image but no --image-root was given")
-            path = resolve_image_path(self.image_root, row.image)
-            if isinstance(path, Reject):
-                return Reject(row.source_id, path.reason, path.detail)
-            image = load_image(path)
-            if isinstance(image, Reject):
-                return Reject(row.source_id, image.reason, image.detail)
-        full, label_chars, instr_chars = self.char_spans(row.turns)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        text_ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-        n_images = int((text_ids == self.image_token_id).sum())
-        if n_images != (1 if image else 0):
-            return Reject(row.source_id, IMAGE_TOKEN_MISMATCH, f"{n_images} image tokens after templating")
+        path = self.image_file(row)
+        if isinstance(path, Reject):
+            return path
+        image = None if path is None else load_image(path)
+        if isinstance(image, Reject):
+            return Reject(row.source_id, image.reason, image.detail)
+        text_ids, starts, label_chars, instr_chars = self._tokenise(row, offsets=True)
+        bad = self._token_reject(row, text_ids)
+        if bad is not None:
+            return bad
         pixel_values, n_v = None, 0
         if image is not None:
             pixel_values = self.processor.image_processor(images=[image.image], return_tensors="pt")["pixel_values"]

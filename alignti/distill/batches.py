@@ -1,7 +1,7 @@
 """One distillation micro-batch: student model inputs plus every loss term's rows and teacher targets.
 
 Layout. Without TPA the samples are right-padded (`collate`). With TPA (weight > 0 and cached
-candidates present) the student gets the ribbon built by `alignti.extract.ribbon.build_ribbon`,
+candidates present) the student gets the ribbon built by `alignti.models.ribbon.build_ribbon`,
 the function extraction uses, with the cached candidates inserted after their steps: one forward
 gives the ground-truth rows and every candidate row p_S(.|y_<=t, a).
 
@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from alignti.data.batching import collate
-from alignti.distill.dataset import DistillExample
+from alignti.distill.config import LossConfig
+from alignti.distill.examples import DistillExample
 from alignti.distill.grounding import grounding_target
-from alignti.distill.losses import LossConfig
-from alignti.errors import AlignTIError
-from alignti.extract.ribbon import build_ribbon
-from alignti.extract.teacher import probe_targets
+from alignti.models.ribbon import build_ribbon
+from alignti.models.probe import probe_targets
 
 _LONG = torch.long
 
@@ -69,8 +68,6 @@ class DistillBatch:
     num_tokens: int  # real ground-truth tokens (tokens/s)
     max_input_id: int  # largest id fed to the embedding (checked against the student's vocab)
     sample_ids: tuple[str, ...]
-    teacher_iva_layer: int | None = None
-    teacher_num_layers: int | None = None
     term_counts: dict[str, float] = field(default_factory=dict)  # see counts()
 
     @property
@@ -207,7 +204,7 @@ def _ground_targets(examples: list[DistillExample], enabled: bool) -> dict:
 
 def _require_same_grid(e: DistillExample) -> None:
     if e.signals.n_v != e.student.n_v:
-        raise AlignTIError(f"sample {e.signals.sample_id}: IVA needs the student's vision-token count "
+        raise ValueError(f"sample {e.signals.sample_id}: IVA needs the student's vision-token count "
                            f"({e.student.n_v}) to equal the teacher's ({e.signals.n_v}); set --iva-weight 0")
 
 
@@ -240,14 +237,14 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
     Teacher rows are built only for terms with weight > 0. The ribbon is used when the TPA
     weight is > 0 and some sample has cached candidates, plain right padding otherwise.
     vocab_size (the student's, optional): candidates at or above it are masked instead of
-    crashing the embedding. AlignTIError if a teacher term is weighted but a sample has no signals.
+    crashing the embedding. ValueError if a teacher term is weighted but a sample has no signals.
     """
     if not examples:
-        raise AlignTIError("build_distill_batch: empty batch")
+        raise ValueError("build_distill_batch: empty batch")
     w = loss_cfg.weights()
     teacher_terms = [n for n in ("kd", "iva", "tpa") if w[n] > 0]
     if teacher_terms and any(e.signals is None for e in examples):
-        raise AlignTIError(f"loss terms {teacher_terms} need teacher signals from a cache (--cache); a corpus alone "
+        raise ValueError(f"loss terms {teacher_terms} need teacher signals from a cache (--cache); a corpus alone "
                            f"supports --recipe sft only")
     attention = loss_cfg.iva_target == "attention"
     use_ribbon = w["tpa"] > 0 and any(e.signals.tpa_cand_ids.shape[0] > 0 for e in examples)
@@ -263,7 +260,6 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
         return t.to(dev, dtype) if t.is_floating_point() and t.dim() == 4 else t.to(dev)
 
     pixel_values = lay["pixel_values"]
-    first = examples[0]
     return DistillBatch(
         input_ids=lay["input_ids"].to(dev), attention_mask=move(lay["attention_mask"]),
         position_ids=None if lay["position_ids"] is None else lay["position_ids"].to(dev),
@@ -271,5 +267,5 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
         **{k: (tuple(x.to(dev) for x in v) if isinstance(v, tuple) else v.to(dev)) for k, v in parts.items()},
         num_samples=len(examples), num_tokens=sum(e.student.length for e in examples),
         max_input_id=int(lay["input_ids"].max()), sample_ids=tuple(e.student.sample_id for e in examples),
-        teacher_iva_layer=first.teacher_iva_layer, teacher_num_layers=first.teacher_num_layers, term_counts=counts,
+        term_counts=counts,
     )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignti.distill.config import resume_differences
 from alignti.errors import AlignTIError
 from alignti.storage.parts import fsync_path
 
@@ -183,7 +184,7 @@ def check_resume(cfg: Any, path: Path, per_step: int, student_weights: str) -> d
     student directory's weights hash (frozen weights are reloaded from it).
     """
     state = read_state(path)
-    diffs = cfg.resume_differences(state.get("config", {}))
+    diffs = resume_differences(cfg, state.get("config", {}))
     if diffs:
         raise AlignTIError(f"--resume: options differ from the checkpoint's run: {', '.join(diffs)}")
     if state.get("student_weights") != student_weights:

@@ -1,35 +1,107 @@
-"""`DistillConfig`: every option of `alignti distill` (the dataclass is the CLI).
+"""`alignti distill` options: `LossConfig` (the objective) nested in `DistillConfig` (the run).
 
-The loss options reuse `LossConfig`'s defaults, choices and help (one source of truth);
-`loss_config()` turns them into the `LossConfig` the step uses. Validation happens at
-construction, so a bad command line fails with one AlignTIError line before anything loads.
+Both dataclasses are the CLI (`alignti.cliargs` flattens the nested `loss` into options of the
+same command), so every option is declared once. Validation happens at construction, so a bad
+command line fails with one AlignTIError line before anything loads. No torch here: `alignti
+--help` must stay instant.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from alignti.distill.losses import LossConfig, build_loss_config
+from alignti.cliargs import options
 from alignti.errors import AlignTIError
 
+TERMS = ("sft", "kd", "iva", "tpa", "ground")
+# Recipe -> (sft, kd, iva, tpa) weights; "ground" is 0 unless asked for.
+RECIPES: dict[str, tuple[float, float, float, float]] = {
+    "sft": (1.0, 0.0, 0.0, 0.0),
+    "kd": (1.0, 1.0, 0.0, 0.0),
+    "alignti": (1.0, 1.0, 1.0, 1.0),
+}
+DIVERGENCES = ("fkl", "rkl", "jsd")
+TAILS = ("bucket", "renorm")
+TPA_WEIGHTINGS = ("teacher", "uniform")
+IVA_TARGETS = ("logits", "attention")
 TRAIN_CHOICES = ("projector", "llm", "all", "full")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
-# Fields of DistillConfig that are passed to build_loss_config unchanged.
-LOSS_FIELDS = ("divergence", "jsd_beta", "tail", "tpa_weighting", "iva_target", "chunk_size",
-               "sft_weight", "kd_weight", "iva_weight", "tpa_weight", "ground_weight", "ground_layer")
-# Fields that may differ between a checkpoint and the command resuming it (they do not change
-# what is computed, only how long, how often it is saved or logged, and how it is shown).
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "epochs",
-                               "max_steps", "progress", "example_memory_mb"})
 
 
-def _loss_field(name: str) -> Any:
-    """A field with LossConfig's default, help and choices for `name`."""
-    f = next(x for x in dataclasses.fields(LossConfig) if x.name == name)
-    return field(default=f.default, metadata=dict(f.metadata))
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> None:
+    if value not in allowed:
+        raise AlignTIError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The distillation objective; field names are CLI option names (`_` -> `-`)."""
+
+    recipe: str = field(default="alignti", metadata={"help": "loss weights preset", "choices": tuple(RECIPES)})
+    sft_weight: float | None = field(default=None, metadata={"help": "weight of L_sft [default: from --recipe]"})
+    kd_weight: float | None = field(default=None, metadata={"help": "weight of L_kd [default: from --recipe]"})
+    iva_weight: float | None = field(default=None, metadata={"help": "weight of L_iva [default: from --recipe]"})
+    tpa_weight: float | None = field(default=None, metadata={"help": "weight of L_tpa [default: from --recipe]"})
+    ground_weight: float = field(default=0.0, metadata={
+        "help": "weight of a grounding term for rows with object boxes: KL(boxes' patch share || the model's "
+                "instruction-to-vision attention at --ground-layer); trains a teacher to look where it is asked "
+                "(alignti.distill.grounding)"})
+    ground_layer: int = field(default=1, metadata={"help": "LM layer whose attention --ground-weight trains"})
+    divergence: str = field(default="fkl", metadata={
+        "help": "fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD", "choices": DIVERGENCES})
+    jsd_beta: float = field(default=0.5, metadata={"help": "teacher weight of the JSD mixture, in [0, 1]"})
+    tail: str = field(default="bucket", metadata={
+        "help": "bucket = top-k plus an exact tail bucket; renorm = renormalised top-k", "choices": TAILS})
+    tpa_weighting: str = field(default="teacher", metadata={
+        "help": "TPA candidate weights: teacher probabilities renormalised, or uniform", "choices": TPA_WEIGHTINGS})
+    iva_target: str = field(default="logits", metadata={
+        "help": "IVA target: teacher distributions at salient vision rows, or saliency vs student attention",
+        "choices": IVA_TARGETS})
+    iva_student_layer: int | None = field(default=None, metadata={
+        "help": "student LM layer probed for --iva-target attention [default: the cache's IVA layer at the "
+                "same relative depth]"})
+    chunk_size: int = field(default=1024, metadata={"help": "rows per fp32 loss chunk (memory vs speed)"})
+
+    def __post_init__(self) -> None:
+        _choice(self.recipe, tuple(RECIPES), "--recipe")
+        # A weight left at None takes the recipe's preset (frozen: set through object).
+        for name, preset in zip(TERMS, RECIPES[self.recipe]):
+            if getattr(self, f"{name}_weight") is None:
+                object.__setattr__(self, f"{name}_weight", preset)
+        for value, allowed, option in ((self.divergence, DIVERGENCES, "--divergence"), (self.tail, TAILS, "--tail"),
+                                       (self.tpa_weighting, TPA_WEIGHTINGS, "--tpa-weighting"),
+                                       (self.iva_target, IVA_TARGETS, "--iva-target")):
+            _choice(value, allowed, option)
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise AlignTIError(f"--jsd-beta must be in [0, 1], got {self.jsd_beta}")
+        if self.chunk_size < 1 or self.ground_layer < 0:
+            raise AlignTIError(f"--chunk-size must be >= 1 and --ground-layer >= 0, got {self.chunk_size}, "
+                               f"{self.ground_layer}")
+        if self.iva_student_layer is not None and self.iva_student_layer < 0:
+            raise AlignTIError(f"--iva-student-layer must be >= 0, got {self.iva_student_layer}")
+        weights = self.weights()
+        bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise AlignTIError(f"loss weights must be finite and >= 0: {bad}")
+        if not any(w > 0 for w in weights.values()):
+            raise AlignTIError("every loss weight is 0: nothing to train")
+
+    def weights(self) -> dict[str, float]:
+        """{"sft", "kd", "iva", "tpa", "ground"} -> weight, the `weights` argument of `combine`."""
+        return {n: float(getattr(self, f"{n}_weight")) for n in TERMS}
+
+    def divergence_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments shared by kd_loss, iva_loss and tpa_loss."""
+        return {"divergence": self.divergence, "beta": self.jsd_beta, "tail": self.tail, "chunk_size": self.chunk_size}
+
+
+def _resumable(**meta: Any) -> dict[str, Any]:
+    """Field metadata of an option that may change between a checkpoint and the run resuming it
+    (it changes how long the run goes, how often it saves or logs, or how it is shown, not what
+    each step computes)."""
+    return {**meta, "resumable": True}
 
 
 @dataclass(frozen=True)
@@ -44,36 +116,21 @@ class DistillConfig:
                 "with --cache, overrides the corpus path recorded in the cache"})
     image_root: str | None = field(default=None, metadata={
         "help": "image root (default: the one recorded in the cache; required for a corpus with images)"})
-    recipe: str = _loss_field("recipe")
-    sft_weight: float | None = _loss_field("sft_weight")
-    kd_weight: float | None = _loss_field("kd_weight")
-    iva_weight: float | None = _loss_field("iva_weight")
-    tpa_weight: float | None = _loss_field("tpa_weight")
-    ground_weight: float = _loss_field("ground_weight")
-    ground_layer: int = _loss_field("ground_layer")
-    divergence: str = _loss_field("divergence")
-    jsd_beta: float = _loss_field("jsd_beta")
-    tail: str = _loss_field("tail")
-    tpa_weighting: str = _loss_field("tpa_weighting")
-    iva_target: str = _loss_field("iva_target")
-    iva_student_layer: int | None = field(default=None, metadata={
-        "help": "student LM layer probed for --iva-target attention [default: the cache's IVA layer at the "
-                "same relative depth]"})
-    chunk_size: int = _loss_field("chunk_size")
+    loss: LossConfig = field(default_factory=LossConfig)
     train: str = field(default="all", metadata={
         "help": "what trains: projector, llm (decoder + embeddings + LM head), all (projector + llm; the "
                 "vision tower frozen, as in the paper) or full (everything, incl. the vision tower: for "
                 "models trained from scratch, like the demo's)", "choices": TRAIN_CHOICES})
-    epochs: int = field(default=1, metadata={"help": "passes over the samples"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    epochs: int = field(default=1, metadata=_resumable(help="passes over the samples"))
+    max_steps: int | None = field(default=None, metadata=_resumable(help="stop after this many optimizer steps"))
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup as a fraction of the steps"})
     warmup_steps: int | None = field(default=None, metadata={"help": "warmup steps (overrides --warmup-ratio)"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of --lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    example_memory_mb: int = field(default=512, metadata={
-        "help": "keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so "
-                "later epochs skip decoding and cache reads (0 = off)"})
+    example_memory_mb: int = field(default=512, metadata=_resumable(
+        help="keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so later "
+             "epochs skip decoding and cache reads (0 = off)"))
     adam_beta2: float = field(default=0.999, metadata={
         "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -87,22 +144,22 @@ class DistillConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (under accelerate launch: "
                                                           "one GPU per process)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (0 = only final)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept (0 = all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out first"})
+    save_every: int = field(default=500, metadata=_resumable(help="checkpoint every N optimizer steps (0 = only final)"))
+    keep_checkpoints: int = field(default=2, metadata=_resumable(help="most recent checkpoints kept (0 = all)"))
+    resume: bool = field(default=False, metadata=_resumable(help="continue from the latest checkpoint in --out"))
+    overwrite: bool = field(default=False, metadata=_resumable(help="delete an existing --out first"))
     seed: int = field(default=0, metadata={"help": "data order and RNG seed"})
-    log_every: int = field(default=1, metadata={"help": "progress-bar refresh every N steps (log.jsonl gets all)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    log_every: int = field(default=1, metadata=_resumable(
+        help="progress-bar refresh every N steps (log.jsonl gets all)"))
+    progress: bool = field(default=True, metadata=_resumable(help="show a progress bar"))
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise AlignTIError("--resume and --overwrite are mutually exclusive")
         if self.cache is None and self.data is None:
             raise AlignTIError("give --cache (teacher signals) or --data (a corpus, for --recipe sft)")
-        loss = self.loss_config()  # validates recipe, divergence, weights
         if self.cache is None:
-            distilled = {n: w for n, w in loss.weights().items() if n not in ("sft", "ground") and w > 0}
+            distilled = {n: w for n, w in self.loss.weights().items() if n not in ("sft", "ground") and w > 0}
             if distilled:
                 raise AlignTIError(f"without --cache only the sft and ground terms can train (--recipe sft); "
                                    f"got non-zero weights {distilled}")
@@ -132,24 +189,17 @@ class DistillConfig:
             raise AlignTIError("--weight-decay and --max-grad-norm must be >= 0")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise AlignTIError("--save-every and --keep-checkpoints must be >= 0")
-        if self.iva_student_layer is not None and self.iva_student_layer < 0:
-            raise AlignTIError(f"--iva-student-layer must be >= 0, got {self.iva_student_layer}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise AlignTIError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.train not in TRAIN_CHOICES:
-            raise AlignTIError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        _choice(self.dtype, DTYPE_CHOICES, "--dtype")
+        _choice(self.train, TRAIN_CHOICES, "--train")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise AlignTIError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
-    def loss_config(self) -> LossConfig:
-        """The objective these options describe (recipe preset + overrides)."""
-        return build_loss_config(self.recipe, **{name: getattr(self, name) for name in LOSS_FIELDS})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+RESUMABLE_CHANGES = frozenset(f.name for f in fields(DistillConfig) if f.metadata.get("resumable"))
 
-    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
-        """Options that differ from a checkpoint's config and would change the computation."""
-        mine = self.to_dict()
-        return sorted(k for k in set(mine) | set(saved)
-                      if k not in RESUMABLE_CHANGES and mine.get(k) != saved.get(k))
+
+def resume_differences(cfg: DistillConfig, saved: dict[str, Any]) -> list[str]:
+    """Options (flat, as `cliargs.options` gives them) that differ from a checkpoint's run and would
+    change what is computed."""
+    mine = options(cfg)
+    return sorted(k for k in set(mine) | set(saved) if k not in RESUMABLE_CHANGES and mine.get(k) != saved.get(k))

@@ -22,30 +22,17 @@ Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from alignti.distill.kl import (
-    DIVERGENCES, TAILS, Head, check_divergence, check_topk_rows, chunked_row_sum, chunked_topk_kl, topk_kl_rows,
-)
+from alignti.distill.config import TPA_WEIGHTINGS
+from alignti.distill.kl import Head, check_topk_rows, chunked_row_sum, chunked_topk_kl, topk_kl_rows
 from alignti.errors import AlignTIError
 
 IGNORE_INDEX = -100
-TERMS = ("sft", "kd", "iva", "tpa", "ground")
-TPA_WEIGHTINGS = ("teacher", "uniform")
-IVA_TARGETS = ("logits", "attention")
-# Recipe -> (sft, kd, iva, tpa) weights; "ground" is 0 unless asked for.
-RECIPES: dict[str, tuple[float, float, float, float]] = {
-    "sft": (1.0, 0.0, 0.0, 0.0),
-    "kd": (1.0, 1.0, 0.0, 0.0),
-    "alignti": (1.0, 1.0, 1.0, 1.0),
-}
 
 SumCount = tuple[torch.Tensor, torch.Tensor]
 
@@ -306,71 +293,3 @@ def combine(
     if total is None:
         raise AlignTIError("no loss term has a non-zero weight")
     return total, means
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The distillation objective; field names are CLI option names (`_` -> `-`)."""
-
-    recipe: str = field(default="alignti", metadata={"help": "loss weights preset", "choices": tuple(RECIPES)})
-    divergence: str = field(default="fkl", metadata={
-        "help": "fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD", "choices": DIVERGENCES})
-    jsd_beta: float = field(default=0.5, metadata={"help": "teacher weight of the JSD mixture, in [0, 1]"})
-    tail: str = field(default="bucket", metadata={
-        "help": "bucket = top-k plus an exact tail bucket; renorm = renormalised top-k", "choices": TAILS})
-    tpa_weighting: str = field(default="teacher", metadata={
-        "help": "TPA candidate weights: teacher probabilities renormalised, or uniform", "choices": TPA_WEIGHTINGS})
-    iva_target: str = field(default="logits", metadata={
-        "help": "IVA target: teacher distributions at salient vision rows, or saliency vs student attention",
-        "choices": IVA_TARGETS})
-    chunk_size: int = field(default=1024, metadata={"help": "rows per fp32 loss chunk (memory vs speed)"})
-    sft_weight: float | None = field(default=None, metadata={"help": "weight of L_sft [default: from --recipe]"})
-    kd_weight: float | None = field(default=None, metadata={"help": "weight of L_kd [default: from --recipe]"})
-    iva_weight: float | None = field(default=None, metadata={"help": "weight of L_iva [default: from --recipe]"})
-    tpa_weight: float | None = field(default=None, metadata={"help": "weight of L_tpa [default: from --recipe]"})
-    ground_weight: float = field(default=0.0, metadata={
-        "help": "weight of a grounding term for rows with object boxes: KL(boxes' patch share || the model's "
-                "instruction-to-vision attention at --ground-layer); trains a teacher to look where it is asked "
-                "(alignti.distill.grounding)"})
-    ground_layer: int = field(default=1, metadata={"help": "LM layer whose attention --ground-weight trains"})
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise AlignTIError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        # A weight left at None takes the recipe's preset (frozen: set through object).
-        for name, preset in zip(TERMS, RECIPES[self.recipe]):
-            if getattr(self, f"{name}_weight") is None:
-                object.__setattr__(self, f"{name}_weight", preset)
-        check_divergence(self.divergence, self.jsd_beta, self.tail)
-        for name, allowed in (("tpa_weighting", TPA_WEIGHTINGS), ("iva_target", IVA_TARGETS)):
-            if getattr(self, name) not in allowed:
-                raise AlignTIError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.chunk_size < 1 or self.ground_layer < 0:
-            raise AlignTIError(f"chunk_size must be >= 1 and ground_layer >= 0, got {self.chunk_size}, "
-                               f"{self.ground_layer}")
-        weights = self.weights()
-        bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise AlignTIError(f"loss weights must be finite and >= 0: {bad}")
-        if not any(w > 0 for w in weights.values()):
-            raise AlignTIError("every loss weight is 0: nothing to train")
-
-    def weights(self) -> dict[str, float]:
-        """{"sft", "kd", "iva", "tpa", "ground"} -> weight, the `weights` argument of `combine`."""
-        return {n: float(getattr(self, f"{n}_weight")) for n in TERMS}
-
-    def divergence_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments shared by kd_loss, iva_loss and tpa_loss."""
-        return {"divergence": self.divergence, "beta": self.jsd_beta, "tail": self.tail, "chunk_size": self.chunk_size}
-
-
-def build_loss_config(recipe: str = "alignti", **overrides: Any) -> LossConfig:
-    """LossConfig from a recipe preset plus overrides; an override of None keeps the default.
-
-    Unknown recipe, unknown option or an invalid value -> AlignTIError.
-    """
-    names = {f.name for f in dataclasses.fields(LossConfig)} - {"recipe"}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise AlignTIError(f"unknown loss option(s): {', '.join(unknown)}")
-    return LossConfig(recipe=recipe, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,8 +1,9 @@
 """Several independent distillations at once, one process each (e.g. the demo's six students on a
 2-core laptop): one progress bar over all their steps, one line per finished run.
 
-Each run is `python -m alignti.distill.train '<DistillConfig as JSON>'` with `threads` torch
-threads; its stderr (warnings, tracebacks) goes to `<out>.log` beside its output directory.
+Each run is the `alignti distill` command line of its config (`cliargs.to_argv`), so it goes
+through the same parsing and one-line errors as a user's run, with `threads` torch threads; its
+stderr (warnings, errors) goes to `<out>.log` beside its output directory.
 Tiny models gain nothing from intra-op threads, so N single-threaded runs on N cores finish about
 N times sooner.
 """
@@ -20,6 +21,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from alignti.cliargs import to_argv
 from alignti.distill import checkpoint as ckpt
 from alignti.distill.config import DistillConfig
 from alignti.errors import AlignTIError
@@ -34,10 +36,10 @@ def _start(cfg: DistillConfig, threads: int) -> tuple[subprocess.Popen, IO[str]]
     """The run's process and its open stderr log (closed by the caller when the run ends)."""
     _log_path(cfg).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    payload = json.dumps(dataclasses.asdict(dataclasses.replace(cfg, progress=False)))
+    argv = to_argv(dataclasses.replace(cfg, progress=False))
     log = open(_log_path(cfg), "w")
     # stdout carries a start-up line and the JSON summary only: small enough for the pipe buffer.
-    proc = subprocess.Popen([sys.executable, "-m", "alignti.distill.train", payload], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "alignti", "distill", *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=log)
     return proc, log
 
@@ -71,7 +73,8 @@ def run_many(configs: list[DistillConfig], names: list[str], jobs: int, threads:
                 if proc.returncode != 0:
                     tail = _log_path(configs[i]).read_text(errors="replace").strip().splitlines()[-3:]
                     raise AlignTIError(f"distillation {names[i]} failed (exit {proc.returncode}): {' | '.join(tail)}")
-                results[i] = json.loads(out.strip().splitlines()[-1])
+                lines = out.splitlines()
+                results[i] = json.loads("\n".join(lines[max(j for j, line in enumerate(lines) if line == "{"):]))
                 done_steps += results[i]["steps"]
                 tqdm.write(f"  {names[i]}: {results[i]['steps']} steps in {time.time() - t0:.1f}s, "
                            f"final loss {results[i]['final_losses'].get('loss', float('nan')):.3f}")

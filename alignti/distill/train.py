@@ -22,10 +22,9 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,13 @@ from tqdm import tqdm
 from alignti.data.encode import SampleEncoder
 from alignti.distill import checkpoint as ckpt
 from alignti.distill.batches import build_distill_batch
-from alignti.distill.config import DistillConfig
-from alignti.distill.dataset import ExampleSet, check_iva_compatible, lazy_cache_examples, lazy_corpus_examples
+from alignti.distill.config import TERMS, DistillConfig, LossConfig
+from alignti.distill.examples import ExampleSet, cache_examples, check_iva_compatible, corpus_examples
 from alignti.distill.kl import PADDED_MASS_WARN
-from alignti.distill.losses import TERMS, LossConfig, combine
+from alignti.distill.losses import combine
+from alignti.distill.objective import Objective, padded_mass_warning, probe_layers
 from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
-from alignti.distill.step import loss_terms, padded_mass_warning
+from alignti.cliargs import options
 from alignti.errors import AlignTIError
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, load_processor, resolve_device
@@ -59,8 +59,7 @@ def make_accelerator(cfg: DistillConfig, find_unused: bool) -> Accelerator:
     """Accelerator for --device. find_unused: some micro-batch may leave parameters out of the
     graph (a text-only sample skips the projector); DDP must then be told, or it waits for their
     gradients forever. It costs a graph traversal per step, so it is on only when needed.
-    Mixed precision is ours (`DistillObjective`), not accelerate's: its process-wide state would
-    refuse a second run with another --dtype in the same process."""
+    Mixed precision is ours (`Objective`), not accelerate's."""
     device = resolve_device(cfg.device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
     return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
@@ -84,13 +83,9 @@ def open_cache(cfg: DistillConfig, student_fp: dict) -> CacheReader | None:
 def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[ExampleSet, list]:
     """(examples, rejects): cached samples joined with the student's encoding, or a corpus; lazy
     (each micro-batch is encoded and its signals read when the loop reaches it)."""
-    if reader is None:
-        encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
-        examples, rejects = lazy_corpus_examples(cfg.data, encoder)
-    else:
-        image_root = cfg.image_root or reader.manifest.extra.get("image_root")
-        encoder = SampleEncoder(processor, image_root, cfg.max_length)
-        examples, rejects = lazy_cache_examples(reader, encoder, cfg.data)
+    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    examples, rejects = corpus_examples(cfg.data, encoder) if reader is None else cache_examples(reader, encoder,
+                                                                                                 cfg.data)
     examples.keep_in_memory(cfg.example_memory_mb * 2**20)
     return examples, rejects
 
@@ -115,22 +110,6 @@ def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.A
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8)
-
-
-class DistillObjective(torch.nn.Module):
-    """The student plus its loss terms as one module, so DDP wraps the whole forward (whatever
-    `loss_terms` reaches into) and its gradient hooks see every parameter used. autocast: the
-    compute dtype of the forward (None = fp32); the loss terms upcast their rows to fp32."""
-
-    def __init__(self, model: torch.nn.Module, loss_cfg: LossConfig, iva_layer: int | None,
-                 autocast: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.model, self.loss_cfg, self.iva_layer, self.autocast = model, loss_cfg, iva_layer, autocast
-
-    def forward(self, batch: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        device = batch.input_ids.device.type
-        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            return loss_terms(self.model, batch, self.loss_cfg, self.iva_layer)
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -206,10 +185,12 @@ class Run:
     start_step: int = 0
     prior_seconds: float = 0.0  # training time before the resumed checkpoint
     resume_from: Path | None = None
+    reported: set[int] = field(default_factory=set)  # late rejects already reported
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Train the student; returns a summary (steps, last losses, tokens/s, wall time, paths)."""
+def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
+    """Train the student; returns a summary (steps, last losses, tokens/s, wall time, paths) on the
+    main process, None on the others."""
     wall_start = time.time()
     run = setup_run(cfg)
     acc = run.acc
@@ -219,17 +200,13 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if acc.is_main_process:
         final = ckpt.save_final(run.model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
     acc.wait_for_everyone()
-    return _summary(run, final, last, train_seconds, time.time() - wall_start)
+    return _summary(run, final, last, train_seconds, time.time() - wall_start) if acc.is_main_process else None
 
 
 def load_student(cfg: DistillConfig, acc: Accelerator, resume_from: Path | None) -> tuple[torch.nn.Module, list[str]]:
     """The student in fp32 (master weights) on this process's device, frozen per --train."""
     set_seed(cfg.seed)
     model = load_model(cfg.student, str(acc.device), torch.float32).train()
-    n_layers = model.config.get_text_config().num_hidden_layers
-    if cfg.iva_student_layer is not None and cfg.iva_student_layer >= n_layers:
-        raise AlignTIError(f"--iva-student-layer {cfg.iva_student_layer} is outside the student's LM layers "
-                           f"0..{n_layers - 1}")
     trainable = freeze(model, cfg.train)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (--train projector) and with DDP's hooks.
@@ -245,11 +222,14 @@ def load_student(cfg: DistillConfig, acc: Accelerator, resume_from: Path | None)
 
 def setup_run(cfg: DistillConfig) -> Run:
     """Validate everything, load examples + student, build the optimizer; write nothing until all passed."""
-    loss_cfg = cfg.loss_config()
+    loss_cfg = cfg.loss
     weights = loss_cfg.weights()
     ckpt.check_output_dir(cfg.out, cfg.resume, cfg.overwrite)
     student_fp = fingerprint_model_dir(cfg.student)
     reader = open_cache(cfg, student_fp)
+    teacher = reader.manifest if reader is not None else None
+    layers = probe_layers(loss_cfg, student_fp["num_hidden_layers"], teacher and teacher.settings.iva_layer,
+                          teacher and teacher.teacher_fingerprint.get("num_hidden_layers"))
     processor = load_processor(cfg.student)
     examples, rejects = load_examples(cfg, reader, processor)
     if not examples:
@@ -269,7 +249,7 @@ def setup_run(cfg: DistillConfig) -> Run:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio))
-    objective = DistillObjective(model, loss_cfg, cfg.iva_student_layer, autocast_dtype(cfg, acc.device))
+    objective = Objective(model, loss_cfg, *layers, autocast=autocast_dtype(cfg, acc.device))
     objective, optimizer = acc.prepare(objective, optimizer)
     run = Run(cfg, acc, loss_cfg, weights, student_fp, processor, examples, rejects, model, objective, optimizer,
               scheduler, per_step, steps_per_epoch, total_steps, int(state.get("step", 0)),
@@ -281,7 +261,7 @@ def setup_run(cfg: DistillConfig) -> Run:
                   f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
     if acc.is_main_process:
         if not resume_from:
-            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": cfg.to_dict(), "student": student_fp})
+            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp})
         ckpt.truncate_log(cfg.out, run.start_step)
         print(_intro(run, trainable), flush=True)
     acc.wait_for_everyone()
@@ -307,9 +287,9 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
             plan = split_steps(epoch_micro_batches(lengths, cfg.batch_size, cfg.seed, epoch), run.per_step)
             plan_epoch = epoch
         t0 = time.time()
-        share = rank_share(plan[in_epoch], acc.process_index, acc.num_processes)
-        batches = [build_distill_batch(run.examples.get_many(idx), pad_id, image_token_id, run.loss_cfg,
-                                       acc.device, torch.float32, vocab_size=vocab) for idx, _ in share]
+        share = usable(run, rank_share(plan[in_epoch], acc.process_index, acc.num_processes))
+        batches = [build_distill_batch(ex, pad_id, image_token_id, run.loss_cfg, acc.device, torch.float32,
+                                       vocab_size=vocab) for ex, _ in share]
         warned = warned or warn_padded_mass(batches, vocab, run.weights)
         lr = run.optimizer.param_groups[0]["lr"]
         shares = optimizer_step(acc, run.objective, batches, [on for _, on in share], run.weights)
@@ -340,6 +320,21 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     return last, run.prior_seconds + time.time() - loop_start
 
 
+def usable(run: Run, share: list[tuple[list[int], bool]]) -> list[tuple[list, bool]]:
+    """This process's micro-batches of a step as examples. A sample that cannot be built (its image is
+    corrupt, or changed since extraction: found when first used) is left out and reported once; a
+    micro-batch left empty runs a zero-weighted stand-in (live=False), so every process joins the step."""
+    out = []
+    for idx, on in share:
+        examples = run.examples.get_many(idx)
+        out.append((examples, on) if examples else ([run.examples.first_usable()], False))
+    for i in sorted(set(run.examples.late_rejects) - run.reported):
+        r = run.examples.late_rejects[i]
+        tqdm.write(f"distill: skipping source {r.source_id!r} ({r.reason}: {r.detail})")
+        run.reported.add(i)
+    return out
+
+
 def warn_padded_mass(batches: list, vocab_size: int, weights: dict[str, float]) -> bool:
     """Warn (once: returns True when it did) if teacher ids beyond the student vocab carry mass."""
     if weights["kd"] + weights["iva"] + weights["tpa"] == 0:
@@ -355,7 +350,7 @@ def save_checkpoint(run: Run, step: int, train_seconds: float) -> None:
     """Checkpoint after `step` (collective: every process must call it)."""
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch, "micro_batches_per_step": run.per_step,
-             "processes": run.acc.num_processes, "config": run.cfg.to_dict(),
+             "processes": run.acc.num_processes, "config": options(run.cfg),
              "student_weights": run.student_fp["weights"], "train_seconds": train_seconds}
     ckpt.save_checkpoint(run.acc, run.cfg.out, run.model, run.optimizer, run.scheduler, state,
                          run.cfg.keep_checkpoints)
@@ -381,22 +376,9 @@ def _summary(run: Run, final: Path, last: dict, train_seconds: float, wall: floa
         "out": run.cfg.out, "final": str(final), "log": str(log_path), "steps": run.total_steps,
         "steps_this_run": run.total_steps - run.start_step,
         "resumed_from": str(run.resume_from) if run.resume_from else None, "samples": len(run.examples),
-        "rejects": dict(Counter(r.reason for r in run.rejects)), "processes": run.acc.num_processes,
+        "rejects": dict(Counter(r.reason for r in [*run.rejects, *run.examples.late_rejects.values()])),
+        "processes": run.acc.num_processes,
         "final_losses": {k: last[k] for k in ("loss",) + TERMS if k in last},
         "tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
         "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall, 3),
     }
-
-
-def main() -> None:
-    """`python -m alignti.distill.train '<DistillConfig as JSON>'`: for scripts, tests and `accelerate launch`
-    (the CLI is `alignti distill`). The main process prints the summary as JSON."""
-    import sys
-
-    summary = run_distill(DistillConfig(**json.loads(sys.argv[1])))
-    if int(summary["processes"]) == 1 or os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary), flush=True)
-
-
-if __name__ == "__main__":
-    main()

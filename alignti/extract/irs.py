@@ -21,8 +21,7 @@ from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.extract.irs_score import choose_layer, irs_scores
-from alignti.extract.probe import probe_attention
-from alignti.extract.teacher import probe_targets
+from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
 
 

@@ -18,30 +18,12 @@ from transformers import DynamicCache, PreTrainedModel
 
 from alignti.data.batching import Batch
 from alignti.data.encode import EncodedSample
-from alignti.extract.probe import probe_attention
-from alignti.extract.ribbon import build_candidate_pass, gather_candidates
+from alignti.models.probe import probe_attention, probe_targets
+from alignti.models.ribbon import build_candidate_pass, gather_candidates
 from alignti.extract.signals import (
     choose_tpa_steps, gather_logprobs, propose_sample, propose_top, sample_seed, topk_logprobs,
 )
 from alignti.storage.schema import CacheSettings, SampleSignals
-
-
-def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Query (instruction) and key (vision) positions per sample for the probe.
-
-    A sample with no instruction text (e.g. only `<image>`) queries from the last prompt token,
-    the position that predicts the first answer token. Text-only samples get placeholder keys
-    (their result is ignored) because the probe needs the same key count for every sample.
-    """
-    queries, keys = [], []
-    for s in samples:
-        q = s.instruction_positions
-        if q.numel() == 0:
-            first = s.resp_positions[:1]
-            q = first if first.numel() else torch.tensor([s.length - 1])
-        queries.append(q)
-        keys.append(s.vision_positions[:n_v] if s.n_v else torch.arange(n_v))
-    return queries, keys
 
 
 def plain_pass(model: PreTrainedModel, batch: Batch, iva_layer: int | None,

@@ -12,28 +12,30 @@ import torch
 
 from alignti.data.encode import SampleEncoder
 from alignti.distill.batches import build_distill_batch
-from alignti.distill.dataset import check_iva_compatible, cache_examples, corpus_examples
-from alignti.distill.losses import build_loss_config, combine
-from alignti.distill.step import loss_terms, padded_mass_warning, student_iva_layer
+from alignti.distill.config import LossConfig
+from alignti.distill.examples import cache_examples, check_iva_compatible, corpus_examples
+from alignti.distill.losses import combine
+from alignti.distill.objective import padded_mass_warning, student_iva_layer
 from alignti.errors import AlignTIError
 from alignti.models.tiny import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.reader import CacheReader
-from tests.distill.test_offline_online import bucket_kl_and_bound, make_world, student_model
+from tests.distill.test_offline_online import bucket_kl_and_bound
+from tests.distill.worlds import make_signal_world, objective_terms, student_model
 
 REF_RTOL = 2e-5  # fp32 step vs float64 reference
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+    return make_signal_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
 def examples(world):
     ex, rejects = cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)
     assert rejects == [] and len(ex) == 6
-    return ex
+    return list(ex)
 
 
 def _batch(world, ex, cfg, **kw):
@@ -83,10 +85,10 @@ def _values(terms):
 
 @pytest.mark.parametrize("weighting", ["teacher", "uniform"])
 def test_terms_equal_brute_force_from_the_cache(world, examples, weighting):
-    cfg = build_loss_config("alignti", tpa_weighting=weighting, chunk_size=5)
+    cfg = LossConfig("alignti", tpa_weighting=weighting, chunk_size=5)
     batch = _batch(world, examples, cfg)
     assert batch.is_ribbon and batch.attention_mask.dim() == 4
-    got = _values(loss_terms(world.student, batch, cfg))
+    got = _values(objective_terms(world.student, batch, cfg))
     ref = brute_force(world.student, examples, weighting)
     assert ref["tpa"][1] > 10 and ref["iva"][1] == 6  # every term has data
     for name in ("sft", "kd", "iva", "tpa"):
@@ -97,11 +99,12 @@ def test_terms_equal_brute_force_from_the_cache(world, examples, weighting):
 def test_plain_and_ribbon_layouts_agree(world, examples):
     """Ground-truth rows of the ribbon equal the plain batch's (TPA weight 0 -> plain padding)."""
     for target in ("logits", "attention"):
-        with_tpa = build_loss_config("alignti", iva_target=target)
-        without = build_loss_config("alignti", iva_target=target, tpa_weight=0.0)
+        with_tpa = LossConfig("alignti", iva_target=target)
+        without = LossConfig("alignti", iva_target=target, tpa_weight=0.0)
         b_r, b_p = _batch(world, examples, with_tpa), _batch(world, examples, without)
         assert b_r.is_ribbon and not b_p.is_ribbon and b_p.attention_mask.dim() == 2
-        t_r, t_p = _values(loss_terms(world.student, b_r, with_tpa)), _values(loss_terms(world.student, b_p, without))
+        t_r = _values(objective_terms(world.student, b_r, with_tpa))
+        t_p = _values(objective_terms(world.student, b_p, without))
         assert set(t_p) == {"sft", "kd", "iva"}
         for name in t_p:
             assert t_r[name][1] == t_p[name][1]
@@ -109,9 +112,9 @@ def test_plain_and_ribbon_layouts_agree(world, examples):
 
 
 def test_attention_target_equals_eager_attention(world, examples):
-    cfg = build_loss_config("alignti", iva_target="attention", tpa_weight=0.0)
+    cfg = LossConfig("alignti", iva_target="attention", tpa_weight=0.0)
     batch = _batch(world, examples, cfg)
-    got = _values(loss_terms(world.student, batch, cfg))["iva"]
+    got = _values(objective_terms(world.student, batch, cfg))["iva"]
     model = world.student
     model.set_attn_implementation({"text_config": "eager"})
     try:
@@ -152,12 +155,12 @@ def test_all_zero_terms_give_zero_and_no_nan(world, examples):
 
     bare = [dataclasses.replace(e, signals=strip(e.signals)) for e in examples[:2]]
     for target in ("logits", "attention"):
-        cfg = build_loss_config("alignti", iva_target=target)
+        cfg = LossConfig("alignti", iva_target=target)
         batch = _batch(world, bare, cfg)
         assert not batch.is_ribbon
         assert batch.counts()["iva"] == 0 and batch.counts()["tpa"] == 0 and batch.counts()["kd"] > 0
         world.student.zero_grad()
-        terms = loss_terms(world.student, batch, cfg)
+        terms = objective_terms(world.student, batch, cfg)
         for name in ("iva", "tpa"):
             assert float(terms[name][0].detach()) == 0.0 and float(terms[name][1]) == 0.0
         total, means = combine(terms, cfg.weights(), batch.counts())
@@ -174,9 +177,9 @@ def test_student_with_another_vision_grid(world, examples):
     enc = SampleEncoder(processor, None, 512)
     ex, _ = cache_examples(CacheReader.open(world.cache), enc, None)
     assert ex[0].student.n_v == 4 and ex[0].signals.n_v == 16
-    cfg = build_loss_config("alignti", iva_weight=0.0)
+    cfg = LossConfig("alignti", iva_weight=0.0)
     batch = _batch(world, ex, cfg)
-    got = _values(loss_terms(student, batch, cfg))
+    got = _values(objective_terms(student, batch, cfg))
     ref = brute_force(student, ex)
     for name in ("sft", "kd", "tpa"):
         assert got[name][1] == ref[name][1]
@@ -184,9 +187,9 @@ def test_student_with_another_vision_grid(world, examples):
     with pytest.raises(AlignTIError, match=r"vision-token count to equal the teacher's.*n_v=16 per image, the "
                                            r"student 4.*--iva-weight 0"):
         check_iva_compatible(ex, 4)
-    check_iva_compatible(examples, 16)  # the teacher's grid passes
-    with pytest.raises(AlignTIError, match="IVA needs the student's vision-token count"):
-        _batch(world, ex, build_loss_config("alignti"))
+    check_iva_compatible(cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)[0], 16)
+    with pytest.raises(ValueError, match="IVA needs the student's vision-token count"):  # a second line of defence
+        _batch(world, ex, LossConfig("alignti"))
 
 
 def test_token_id_mismatch_names_the_sample(world):
@@ -219,22 +222,23 @@ def test_rows_the_student_rejects_are_reported_not_fatal(world, examples):
 
 
 def test_corpus_examples_for_sft(world):
-    ex, rejects = corpus_examples(world.data, world.student_encoder(world.image_root))
+    examples, rejects = corpus_examples(world.data, world.student_encoder(world.image_root))
+    ex = list(examples)
     assert rejects == [] and len(ex) == 6 and all(e.signals is None for e in ex)
-    cfg = build_loss_config("sft")
-    got = _values(loss_terms(world.student, _batch(world, ex, cfg), cfg))
+    cfg = LossConfig("sft")
+    got = _values(objective_terms(world.student, _batch(world, ex, cfg), cfg))
     assert set(got) == {"sft"}
     ref = -sum(float(_plain_logprobs(world.student, e.student.input_ids, e.student.pixel_values)[
         e.student.resp_positions, e.student.input_ids[e.student.resp_positions + 1]].sum()) for e in ex)
     assert got["sft"][0] == pytest.approx(ref, rel=REF_RTOL)
-    with pytest.raises(AlignTIError, match=r"need teacher signals from a cache"):
-        _batch(world, ex, build_loss_config("kd"))
+    with pytest.raises(ValueError, match=r"need teacher signals from a cache"):
+        _batch(world, ex, LossConfig("kd"))
     with pytest.raises(AlignTIError, match="no sample has IVA signals"):
-        check_iva_compatible(ex, 16)
+        check_iva_compatible(examples, 16)
 
 
 def test_padded_mass_and_out_of_vocab_candidates(world, examples):
-    cfg = build_loss_config("alignti")
+    cfg = LossConfig("alignti")
     batch = _batch(world, examples, cfg)
     assert padded_mass_warning(batch, 300) == 0.0
     ref = 0.0

@@ -8,7 +8,6 @@ gloo process group, which is what this test uses.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -17,12 +16,12 @@ import sys
 import pytest
 import torch
 
-from tests.distill.test_train import read_log, weights, world_of
+from tests.distill.worlds import cli_summary, distill_cli, read_log, run_world, weights
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return world_of(tmp_path_factory)
+    return run_world(tmp_path_factory)
 
 
 def free_port() -> int:
@@ -33,7 +32,7 @@ def free_port() -> int:
 
 def summary_of(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return cli_summary(done.stdout)
 
 
 @pytest.mark.timeout(400)
@@ -44,12 +43,11 @@ def test_two_processes_equal_one_with_double_accumulation(world, tmp_path):
                 batch_size=5, epochs=2, save_every=0, progress=False, device="cpu", seed=3)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     one_cfg = dict(base, out=str(tmp_path / "one"), grad_accum=2)
-    one = summary_of(subprocess.run([sys.executable, "-m", "alignti.distill.train", json.dumps(one_cfg)], env=env,
-                                    capture_output=True, text=True, timeout=300))
+    one = summary_of(subprocess.run(distill_cli(**one_cfg), env=env, capture_output=True, text=True, timeout=300))
     two_cfg = dict(base, out=str(tmp_path / "two"), grad_accum=1)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "alignti.distill.train", json.dumps(two_cfg)]
+              "--main_process_port", str(free_port()), *distill_cli(**two_cfg)[2:]]  # -m alignti distill ...
     two = summary_of(subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300))
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["steps"] == two["steps"] == 6

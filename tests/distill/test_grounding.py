@@ -13,20 +13,19 @@ from alignti.data.boxes import boxes_distribution
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.distill.batches import build_distill_batch
-from alignti.distill.config import DistillConfig
-from alignti.distill.dataset import corpus_examples
+from alignti.distill.examples import corpus_examples
 from alignti.distill.grounding import grounding_target, question_boxes
-from alignti.distill.losses import build_loss_config
-from alignti.distill.step import loss_terms
+from alignti.distill.config import LossConfig
+from alignti.distill.objective import Objective
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.models.loading import load_model, load_processor
-from tests.distill.test_train import read_log, world_of
+from tests.distill.worlds import distill_config, read_log, run_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return world_of(tmp_path_factory)
+    return run_world(tmp_path_factory)
 
 
 def test_boxes_distribution_on_the_patch_grid():
@@ -91,11 +90,11 @@ def test_ground_term_equals_eager_attention_and_trains_only_layers_up_to_it(worl
     model = load_model(world.student).double()  # 2 LM layers
     processor = load_processor(world.student)
     examples, _ = corpus_examples(str(world.corpus), SampleEncoder(processor, str(world.shapes), 256))
-    examples = examples[:8]
-    cfg = build_loss_config("sft", ground_weight=1.0, ground_layer=0)
+    examples = examples.get_many(range(8))
+    cfg = LossConfig("sft", ground_weight=1.0, ground_layer=0)
     batch = build_distill_batch(examples, processor.tokenizer.pad_token_id, model.config.image_token_id, cfg,
                                 "cpu", torch.float64)
-    terms = loss_terms(model, batch, cfg)
+    terms = Objective(model, cfg, ground_layer=0)(batch)
     ref_sum, ref_count = _eager_reference(model, examples, 0)
     got_sum, got_count = (t.item() for t in terms["ground"])
     assert ref_count > 0 and got_count == ref_count == batch.counts()["ground"]
@@ -109,17 +108,17 @@ def test_ground_term_equals_eager_attention_and_trains_only_layers_up_to_it(worl
 
 def test_ground_weight_without_boxes_or_cache_rules(world, tmp_path):
     base = dict(student=str(world.student), data=str(world.corpus), image_root=str(world.shapes), recipe="sft")
-    DistillConfig(out=str(tmp_path / "a"), ground_weight=1.0, **base)  # no cache needed
+    distill_config(out=str(tmp_path / "a"), ground_weight=1.0, **base)  # no cache needed
     with pytest.raises(AlignTIError, match="only the sft and ground terms"):
-        DistillConfig(out=str(tmp_path / "b"), ground_weight=1.0, kd_weight=1.0, **base)
+        distill_config(out=str(tmp_path / "b"), ground_weight=1.0, kd_weight=1.0, **base)
     with pytest.raises(AlignTIError, match="--ground-layer 5 is outside"):
-        run_distill(DistillConfig(out=str(tmp_path / "c"), ground_weight=1.0, ground_layer=5, max_steps=1,
+        run_distill(distill_config(out=str(tmp_path / "c"), ground_weight=1.0, ground_layer=5, max_steps=1,
                                   save_every=0, progress=False, **base))
 
 
 def test_training_with_ground_weight_lowers_the_term(world, tmp_path):
     out = tmp_path / "ground"
-    run_distill(DistillConfig(student=str(world.student), data=str(world.corpus), image_root=str(world.shapes),
+    run_distill(distill_config(student=str(world.student), data=str(world.corpus), image_root=str(world.shapes),
                               out=str(out), recipe="sft", ground_weight=1.0, ground_layer=1, lr=1e-2, batch_size=8,
                               max_steps=60, epochs=100, save_every=0, progress=False, train="full"))
     ground = [r["ground"] for r in read_log(out) if "ground" in r]

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignti.distill.config import LossConfig
 from alignti.distill.kl import PADDED_MASS_WARN, chunked_topk_kl, padded_teacher_mass, topk_kl_rows
-from alignti.distill.losses import (
-    LossConfig, build_loss_config, combine, iva_attention_loss, iva_loss, kd_loss, sft_loss, tpa_loss,
-)
+from alignti.distill.losses import combine, iva_attention_loss, iva_loss, kd_loss, sft_loss, tpa_loss
 from alignti.errors import AlignTIError
 
 DIVS = ("fkl", "rkl", "jsd")
@@ -430,18 +429,20 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 # ----------------------------------------------------------------- config
 def test_loss_config_recipes_and_overrides():
-    assert build_loss_config("sft").weights() == {"sft": 1.0, "kd": 0.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
-    assert build_loss_config("kd").weights() == {"sft": 1.0, "kd": 1.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
+    assert LossConfig("sft").weights() == {"sft": 1.0, "kd": 0.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
+    assert LossConfig("kd").weights() == {"sft": 1.0, "kd": 1.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
     assert LossConfig().weights() == {"sft": 1.0, "kd": 1.0, "iva": 1.0, "tpa": 1.0, "ground": 0.0}
-    cfg = build_loss_config("kd", tpa_weight=0.5, divergence="jsd", jsd_beta=0.2, kd_weight=None)
+    cfg = LossConfig("kd", tpa_weight=0.5, divergence="jsd", jsd_beta=0.2, kd_weight=None)
     assert cfg.weights()["tpa"] == 0.5 and cfg.weights()["kd"] == 1.0
     assert cfg.divergence_kwargs() == {"divergence": "jsd", "beta": 0.2, "tail": "bucket", "chunk_size": 1024}
     for bad in ({"recipe": "nope"}, {"divergence": "kl"}, {"jsd_beta": 1.5}, {"tail": "x"},
                 {"tpa_weighting": "x"}, {"iva_target": "x"}, {"sft_weight": -1.0}, {"chunk_size": 0},
-                {"ground_layer": -1}, {"ground_weight": float("nan")}, {"bogus": 1}):
+                {"ground_layer": -1}, {"ground_weight": float("nan")}, {"iva_student_layer": -1}):
         with pytest.raises(AlignTIError):
-            build_loss_config(**bad)
+            LossConfig(**bad)
+    with pytest.raises(TypeError):  # not an option
+        LossConfig(bogus=1)
     with pytest.raises(AlignTIError):
-        build_loss_config("sft", sft_weight=0.0)
+        LossConfig("sft", sft_weight=0.0)
     with pytest.raises(AlignTIError):
         combine({"sft": (torch.tensor(1.0), torch.tensor(1.0))}, {"sft": 1.0, "kd": 1.0})

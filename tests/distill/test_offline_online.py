@@ -1,115 +1,32 @@
 """Offline equals online: loss terms from the written-and-read cache equal those from the teacher's
 in-memory `TeacherSignals` output, ids exactly and losses within the storage rounding.
 
-Also holds the small world (tokenizer, teacher, student, shapes corpus, cache) the other distill
-tests build on; its helpers are plain functions so other modules can import them.
+The world (tokenizer, teacher, student, shapes corpus, cache) is `worlds.SignalWorld`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from alignti.data.batching import collate
 from alignti.data.corpus import read_corpus
-from alignti.data.encode import SampleEncoder
-from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.distill.batches import build_distill_batch
-from alignti.distill.dataset import DistillExample, cache_examples, verify_alignment
-from alignti.distill.losses import build_loss_config
-from alignti.distill.step import loss_terms
-from alignti.extract.probe import l1_normalize, probe_attention
-from alignti.extract.teacher import TeacherSignals
-from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
-from alignti.models.tokenizer import train_tokenizer
+from alignti.distill.config import LossConfig
+from alignti.distill.examples import DistillExample, cache_examples, verify_alignment
+from alignti.models.probe import l1_normalize, probe_attention
 from alignti.storage.encoding import quantise_logprobs
 from alignti.storage.reader import CacheReader
-from alignti.storage.schema import LOGPROB_STEP, CacheManifest, CacheSettings, SampleSignals
-from alignti.storage.writer import CacheWriter
+from alignti.storage.schema import LOGPROB_STEP, SampleSignals
+from tests.distill.worlds import SignalWorld, make_signal_world, objective_terms
 
-TEXTS = [
-    "What colour is the red circle? The answer is blue square top left.",
-    "Is there a green triangle? yes no. How many objects are there? 1 2 3 4",
-    "Describe the picture. A small purple square at the bottom right.",
-]
-SETTINGS = CacheSettings(top_k=8, tpa_d=2, tpa_top_k=4, iva_layer=1, iva_max_positions=4, iva_top_k=4)
 TEACHER_LPS = ("topk_logprobs", "tpa_cand_logprobs", "tpa_topk_logprobs", "iva_topk_logprobs")
 
 
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    return train_tokenizer(TEXTS * 4, vocab_size=300)
-
-
-def sharpen(model, scale: float):
-    """Scale every weight (peaked, position-dependent distributions instead of near-uniform ones)
-    and zero the image token's LM-head row: trained LLaVA models never predict it, and extract
-    refuses it as a TPA candidate."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-        model.get_output_embeddings().weight[model.config.image_token_id] = 0.0
-    return model
-
-
-def student_model(spec: TinySpec = TinySpec(text_family="llama", seed=1), tok=None):
-    """A student built with the teacher's tokenizer (ids line up), of another family and seed."""
-    model, processor = build_tiny_llava(spec, tok or tokenizer())
-    return sharpen(model, 2.0), processor
-
-
-@dataclass
-class World:
-    teacher: torch.nn.Module
-    teacher_encoder: SampleEncoder
-    student: torch.nn.Module
-    student_processor: object
-    data: str
-    image_root: str
-    cache: str
-    signals: list[SampleSignals]  # in memory, straight from TeacherSignals
-
-    @property
-    def pad_id(self) -> int:
-        return tokenizer().pad_token_id
-
-    @property
-    def image_token_id(self) -> int:
-        return self.teacher.config.image_token_id
-
-    def student_encoder(self, image_root: str | None = None, max_length: int = 512) -> SampleEncoder:
-        return SampleEncoder(self.student_processor, image_root, max_length)
-
-
-def make_world(tmp: Path, settings: CacheSettings = SETTINGS, n: int = 6) -> World:
-    """Tiny teacher -> TeacherSignals over a shapes corpus -> CacheWriter; plus a student."""
-    teacher, processor = build_tiny_llava(TinySpec(), tokenizer())
-    sharpen(teacher, 4.0)
-    teacher_dir = save_model_dir(teacher, processor, tmp / "teacher")
-    run_shapes(ShapesConfig(out=str(tmp / "shapes"), n=n, seed=1))
-    data = str(tmp / "shapes" / "train.json")
-    encoder = SampleEncoder(processor, str(tmp / "shapes"), 512)
-    samples = [encoder.encode(r) for r in read_corpus(data)]
-    pad = tokenizer().pad_token_id
-    signals = TeacherSignals(teacher, settings, pad, chunk_size=5)(collate(samples, pad))
-    manifest = CacheManifest.create(fingerprint_model_dir(teacher_dir), settings,
-                                    extra={"data": data, "image_root": str(tmp / "shapes")})
-    with CacheWriter.open(tmp / "cache", manifest, part_size=4) as writer:  # two parts
-        for sig in signals:
-            writer.add(sig)
-    student, student_processor = student_model()
-    return World(teacher, encoder, student, student_processor, data, str(tmp / "shapes"), str(tmp / "cache"), signals)
-
-
-def online_examples(world: World, signals: list[SampleSignals]) -> list[DistillExample]:
+def online_examples(world: SignalWorld, signals: list[SampleSignals]) -> list[DistillExample]:
     """Student encodings joined to in-memory signals by sample id (the cache never involved)."""
     enc = world.student_encoder(world.image_root)
     by_id = {s.sample_id: s for s in signals}
@@ -117,7 +34,7 @@ def online_examples(world: World, signals: list[SampleSignals]) -> list[DistillE
     for row in read_corpus(world.data):
         sample = enc.encode(row)
         verify_alignment(sample, by_id[sample.sample_id])
-        out.append(DistillExample(sample, by_id[sample.sample_id], SETTINGS.iva_layer, 2))
+        out.append(DistillExample(sample, by_id[sample.sample_id]))
     return out
 
 
@@ -165,7 +82,7 @@ def student_attention(model, batch, layer: int) -> torch.Tensor:
     return l1_normalize(probe.result()[layer][batch.attn_sample].double())
 
 
-def tolerances(world: World, batch, iva_target: str) -> dict[str, float]:
+def tolerances(world: SignalWorld, batch, iva_target: str) -> dict[str, float]:
     """Derived bound per term on |offline - online| (sums), from the raw in-memory teacher values.
 
     fp16 saliency: each w moves by <= 2^-11 relatively, so w~ = w / sum w moves by <= ~2^-10
@@ -195,7 +112,7 @@ def tolerances(world: World, batch, iva_target: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+    return make_signal_world(tmp_path_factory.mktemp("world"))
 
 
 def _batch(world, examples, cfg):
@@ -208,13 +125,13 @@ def _values(terms):
 
 @pytest.mark.parametrize("iva_target", ["logits", "attention"])
 def test_cache_equals_in_memory_signals(world, iva_target):
-    cfg = build_loss_config("alignti", iva_target=iva_target, chunk_size=7)
+    cfg = LossConfig("alignti", iva_target=iva_target, chunk_size=7)
     offline, rejects = cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)
     assert rejects == [] and len(offline) == len(world.signals)
     online = online_examples(world, world.signals)
     rounded = online_examples(world, [storage_rounded(s) for s in world.signals])
     order = {e.student.sample_id: i for i, e in enumerate(online)}
-    offline.sort(key=lambda e: order[e.student.sample_id])  # corpus order either way; make it explicit
+    offline = sorted(offline, key=lambda e: order[e.student.sample_id])  # corpus order either way; make it explicit
     b_off, b_on, b_rnd = (_batch(world, ex, cfg) for ex in (offline, online, rounded))
     assert b_off.is_ribbon
     # ids exact: model inputs (ground truth + candidates), every row index and every teacher id
@@ -227,7 +144,7 @@ def test_cache_equals_in_memory_signals(world, iva_target):
     for name in rounded_fields:
         assert torch.equal(getattr(b_off, name), getattr(b_rnd, name)), name
         assert not torch.equal(getattr(b_off, name), getattr(b_on, name)), name  # the rounding is real
-    t_off, t_on, t_rnd = (_values(loss_terms(world.student, b, cfg)) for b in (b_off, b_on, b_rnd))
+    t_off, t_on, t_rnd = (_values(objective_terms(world.student, b, cfg)) for b in (b_off, b_on, b_rnd))
     assert t_off == t_rnd
     assert set(t_off) == {"sft", "kd", "iva", "tpa"}
     tol = tolerances(world, b_on, iva_target)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,17 +11,16 @@ import pytest
 import torch
 
 from alignti.distill.checkpoint import list_checkpoints
-from alignti.distill.config import DistillConfig
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
-from tests.distill.test_train import read_log, weights, world_of
+from tests.distill.worlds import cli_summary, distill_cli, distill_config, read_log, run_world, weights
 
 TIMING = {"tokens_per_second", "elapsed"}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return world_of(tmp_path_factory)
+    return run_world(tmp_path_factory)
 
 
 def config(world, out: Path, **kw) -> dict:
@@ -33,14 +30,10 @@ def config(world, out: Path, **kw) -> dict:
     return base
 
 
-def distill_cmd(cfg: dict) -> list[str]:
-    return [sys.executable, "-m", "alignti.distill.train", json.dumps(cfg)]
-
-
 def run_to_end(cfg: dict) -> dict:
-    done = subprocess.run(distill_cmd(cfg), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(distill_cli(**cfg), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cli_summary(done.stdout)
 
 
 def strip_timing(log: list[dict]) -> list[dict]:
@@ -56,7 +49,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     assert ref_summary["steps"] == 12  # 24 samples / batch 2
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(distill_cmd(config(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(distill_cli(**config(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
         time.sleep(0.005)
@@ -69,9 +62,9 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
 
     # without --resume the existing output is refused; a changed option is refused on resume
     with pytest.raises(AlignTIError, match="already exists"):
-        run_distill(DistillConfig(**config(world, out)))
+        run_distill(distill_config(**config(world, out)))
     with pytest.raises(AlignTIError, match="lr"):
-        run_distill(DistillConfig(**config(world, out, lr=2e-3, resume=True)))
+        run_distill(distill_config(**config(world, out, lr=2e-3, resume=True)))
 
     summary = run_to_end(config(world, out, resume=True))
     assert summary["resumed_from"].endswith(f"step-{killed_at}")

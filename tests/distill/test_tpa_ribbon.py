@@ -18,9 +18,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
 from alignti.data.encode import IGNORE_INDEX, EncodedSample
 from alignti.distill.batches import build_distill_batch
-from alignti.distill.dataset import DistillExample
-from alignti.distill.losses import build_loss_config
-from alignti.distill.step import loss_terms
+from alignti.distill.config import LossConfig
+from alignti.distill.examples import DistillExample
+from alignti.distill.objective import Objective
 from alignti.storage.schema import SampleSignals
 
 V, IMG, PAD, N_V = 12, 11, 0, 16
@@ -144,12 +144,12 @@ def test_tpa_equals_chain_rule_brute_force(world, weighting, with_image):
     names = ["text", "image"] if with_image else ["text"]
     examples = [DistillExample(world[n]["sample"], world[n]["signals"]) for n in names]
     assert examples[0].signals.tpa_cand_ids.shape == (5, V - 1) and examples[0].signals.tpa_topk_ids.shape[-1] == V
-    cfg = build_loss_config("alignti", sft_weight=0.0, kd_weight=0.0, iva_weight=0.0, tpa_weighting=weighting,
-                            chunk_size=8)
+    cfg = LossConfig("alignti", sft_weight=0.0, kd_weight=0.0, iva_weight=0.0, tpa_weighting=weighting,
+                     chunk_size=8)
     batch = build_distill_batch(examples, PAD, IMG, cfg, "cpu", torch.float32, vocab_size=V)
     assert batch.is_ribbon and batch.tpa_rows.numel() == batch.counts()["tpa"] * (V - 1)
     assert bool(torch.isinf(batch.tpa_cand_logprobs).any()) == with_image  # the image-token slots
-    terms = loss_terms(student, batch, cfg)
+    terms = Objective(student, cfg)(batch)
     assert set(terms) == {"tpa"}
     total, count = terms["tpa"]
     ref, steps = brute_force(world, names, weighting, with_image)

@@ -1,101 +1,33 @@
 """`alignti distill` end to end on tiny models: extract a cache, distil with each recipe, reload.
 
-`build_world` (also used by test_resume.py and test_ddp.py) makes, once per test session: a
-shapes corpus, a tokenizer trained on it, a sharpened tiny teacher, two students of different
-sizes sharing the teacher's tokenizer and image grid, a 24-sample cache and a 4-sample cache
-(one micro-batch: training on it repeats a fixed batch).
+The world is `worlds.RunWorld`: a shapes corpus, a tokenizer trained on it, a sharpened tiny
+teacher, two students of different sizes sharing the teacher's tokenizer and image grid, a
+24-sample cache and a 4-sample cache (one micro-batch: training on it repeats a fixed batch).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from alignti.data.batching import collate
-from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.cliargs import leaves
 from alignti.distill.config import DistillConfig
 from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
-from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer
-
-
-@dataclass(frozen=True)
-class World:
-    shapes: Path  # image root; train.json is the corpus
-    corpus: Path
-    teacher: Path
-    student: Path  # hidden 32
-    student_b: Path  # hidden 48
-    cache: Path  # 24 samples
-    small_cache: Path  # 4 samples (one batch of 4)
-
-
-@functools.lru_cache(maxsize=None)
-def build_world(root: str) -> World:
-    base = Path(root)
-    shapes = base / "shapes"
-    run_shapes(ShapesConfig(out=str(shapes), n=24, seed=1))
-    corpus = shapes / "train.json"
-    texts = [t["value"] for r in json.loads(corpus.read_text()) for t in r["conversations"]]
-    tokenizer = train_tokenizer(texts, vocab_size=200)
-    teacher, processor = build_tiny_llava(TinySpec(hidden=64, layers=2), tokenizer)
-    with torch.no_grad():  # peaked teacher distributions: KD / IVA / TPA targets far from uniform
-        for p in teacher.parameters():
-            p.mul_(4.0)
-    save_model_dir(teacher, processor, base / "teacher")
-    for name, spec in (("student", TinySpec(hidden=32, layers=2, seed=1)),
-                       ("student_b", TinySpec(hidden=48, layers=2, seed=2))):
-        model, proc = build_tiny_llava(spec, tokenizer)
-        save_model_dir(model, proc, base / name)
-    common = dict(teacher=str(base / "teacher"), data=str(corpus), image_root=str(shapes), top_k=8, tpa_d=2,
-                  tpa_top_k=4, iva_layer="1", iva_max_positions=8, iva_top_k=4, batch_size=8, max_length=256)
-    run_extract(ExtractConfig(out=str(base / "cache"), **common))
-    run_extract(ExtractConfig(out=str(base / "small_cache"), limit=4, **common))
-    return World(shapes, corpus, base / "teacher", base / "student", base / "student_b", base / "cache",
-                 base / "small_cache")
-
-
-def world_of(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(str(tmp_path_factory.getbasetemp() / "distill-world"))
+from tests.distill.worlds import distill_config, generate_once, read_log, run_world, weights
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return world_of(tmp_path_factory)
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def generate_once(model_dir: Path, world: World) -> torch.Tensor:
-    """Reload with the Auto classes and greedily generate a few tokens for one corpus image."""
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
-    row = json.loads(world.corpus.read_text())[0]
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
-    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
-    image = Image.open(world.shapes / row["image"]).convert("RGB")
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:]
+    return run_world(tmp_path_factory)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -131,7 +63,7 @@ def test_lr_schedule():
                                           ("alignti", {"sft", "kd", "iva", "tpa"})])
 def test_recipe_trains_on_a_fixed_batch_and_reloads(world, tmp_path, recipe, terms):
     out = tmp_path / "out"
-    summary = run_distill(DistillConfig(cache=str(world.small_cache), student=str(world.student), out=str(out),
+    summary = run_distill(distill_config(cache=str(world.small_cache), student=str(world.student), out=str(out),
                                         recipe=recipe, lr=3e-3, warmup_ratio=0.0, batch_size=4, epochs=6,
                                         save_every=0, progress=False))
     log = read_log(out)
@@ -149,7 +81,7 @@ def test_recipe_trains_on_a_fixed_batch_and_reloads(world, tmp_path, recipe, ter
     start = AutoModelForImageTextToText.from_pretrained(world.student).eval()
     proc = AutoProcessor.from_pretrained(world.student, backend="pil")
     from alignti.data.encode import SampleEncoder
-    from alignti.distill.dataset import cache_examples
+    from alignti.distill.examples import cache_examples
     from alignti.storage.reader import CacheReader
 
     examples, _ = cache_examples(CacheReader.open(str(world.small_cache)), SampleEncoder(proc, None, 2048), None)
@@ -168,7 +100,7 @@ def test_one_cache_distils_two_student_sizes(world, tmp_path):
     hidden = []
     for student in (world.student, world.student_b):
         out = tmp_path / student.name
-        s = run_distill(DistillConfig(cache=str(world.cache), student=str(student), out=str(out), lr=1e-3,
+        s = run_distill(distill_config(cache=str(world.cache), student=str(student), out=str(out), lr=1e-3,
                                       batch_size=4, max_steps=2, save_every=0, progress=False))
         assert s["steps"] == 2 and s["samples"] == 24
         assert all(np.isfinite(v) for v in s["final_losses"].values()) and set(s["final_losses"]) == {
@@ -180,7 +112,7 @@ def test_one_cache_distils_two_student_sizes(world, tmp_path):
 
 def test_sft_from_corpus_trains_only_the_projector(world, tmp_path):
     out = tmp_path / "out"
-    s = run_distill(DistillConfig(data=str(world.corpus), image_root=str(world.shapes), student=str(world.student),
+    s = run_distill(distill_config(data=str(world.corpus), image_root=str(world.shapes), student=str(world.student),
                                   out=str(out), recipe="sft", train="projector", lr=1e-2, batch_size=8,
                                   max_steps=2, save_every=0, progress=False))
     assert s["samples"] == 24 and set(s["final_losses"]) == {"loss", "sft"}
@@ -193,17 +125,17 @@ def test_sft_from_corpus_trains_only_the_projector(world, tmp_path):
 
 def test_bad_inputs_fail_before_writing(world, tmp_path):
     with pytest.raises(AlignTIError, match="--recipe sft"):
-        DistillConfig(data=str(world.corpus), student=str(world.student), out=str(tmp_path / "x"), recipe="kd")
+        distill_config(data=str(world.corpus), student=str(world.student), out=str(tmp_path / "x"), recipe="kd")
     with pytest.raises(AlignTIError, match="--cache"):
-        DistillConfig(student=str(world.student), out=str(tmp_path / "x"))
+        distill_config(student=str(world.student), out=str(tmp_path / "x"))
     with pytest.raises(AlignTIError, match="must be >= 1"):
-        DistillConfig(cache=str(world.cache), student=str(world.student), out=str(tmp_path / "x"), grad_accum=0)
+        distill_config(cache=str(world.cache), student=str(world.student), out=str(tmp_path / "x"), grad_accum=0)
     # a student with another tokenizer: refused by the cache, nothing written
     other_tok = train_tokenizer(["completely different words here"] * 8, vocab_size=300)  # merges differ
     m, p = build_tiny_llava(TinySpec(hidden=32), other_tok)
     other = save_model_dir(m, p, tmp_path / "other")
     with pytest.raises(AlignTIError, match="tokenizer"):
-        run_distill(DistillConfig(cache=str(world.cache), student=str(other), out=str(tmp_path / "o1"),
+        run_distill(distill_config(cache=str(world.cache), student=str(other), out=str(tmp_path / "o1"),
                                   progress=False))
     assert not (tmp_path / "o1").exists()
     # an existing output needs --resume or --overwrite; --overwrite never deletes foreign data
@@ -211,28 +143,28 @@ def test_bad_inputs_fail_before_writing(world, tmp_path):
     (tmp_path / "o2" / "precious.txt").write_text("x")
     base = dict(cache=str(world.small_cache), student=str(world.student), out=str(tmp_path / "o2"), progress=False)
     with pytest.raises(AlignTIError, match="already exists"):
-        run_distill(DistillConfig(**base))
+        run_distill(distill_config(**base))
     with pytest.raises(AlignTIError, match="not written by alignti distill"):
-        run_distill(DistillConfig(overwrite=True, **base))
+        run_distill(distill_config(overwrite=True, **base))
     assert (tmp_path / "o2" / "precious.txt").exists()
 
 
 def test_method_doc_lists_every_option():
-    import dataclasses
-
     doc = (Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text()
-    missing = [f.name for f in dataclasses.fields(DistillConfig) if f"`--{f.name.replace('_', '-')}" not in doc]
+    names = [path[-1] for path, _, _ in leaves(DistillConfig)]  # every option, the nested loss options too
+    assert "recipe" in names and "tpa_weighting" in names
+    missing = [n for n in names if f"`--{n.replace('_', '-')}" not in doc]
     assert not missing, f"docs/method.md does not document {missing}"
 
 
 def test_gradient_checkpointing_and_bf16(world, tmp_path):
     base = dict(cache=str(world.small_cache), student=str(world.student), lr=1e-3, batch_size=4, max_steps=2,
                 save_every=0, progress=False)
-    run_distill(DistillConfig(out=str(tmp_path / "plain"), **base))
-    run_distill(DistillConfig(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **base))
+    run_distill(distill_config(out=str(tmp_path / "plain"), **base))
+    run_distill(distill_config(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **base))
     a, b = weights(tmp_path / "plain" / "final"), weights(tmp_path / "ckpt" / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
-    s = run_distill(DistillConfig(out=str(tmp_path / "bf16"), dtype="bf16", **base))
+    s = run_distill(distill_config(out=str(tmp_path / "bf16"), dtype="bf16", **base))
     assert all(np.isfinite(v) for v in s["final_losses"].values())
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16" / "final").values())  # student's dtype

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignti.eval.formats import load_questions
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_shapes
 
 # (question type, question, gold answer, model output)

@@ -10,7 +10,7 @@ from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.extract.irs import IrsConfig, compute_irs, run_irs
-from alignti.extract.teacher import probe_targets
+from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer

@@ -7,7 +7,8 @@ from alignti.data.batching import collate
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.extract.teacher import TeacherSignals, probe_targets
+from alignti.extract.teacher import TeacherSignals
+from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
 from alignti.storage.schema import CacheSettings
 

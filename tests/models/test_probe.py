@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from alignti.errors import AlignTIError
-from alignti.extract.probe import (
-    PROBE_ATTENTION, install_probe, l1_normalize, probe_attention, text_attn_implementation, uninstall_probe,
+from alignti.models.probe import (
+    PROBE_ATTENTION, install_probe, l1_normalize, probe_attention, register_probe, text_attn_implementation,
+    uninstall_probe,
 )
-from alignti.extract.ribbon import build_ribbon
+from alignti.models.ribbon import build_ribbon
 from tests.extract.tiny_models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
 
 LAYERS = 3
@@ -128,16 +128,16 @@ def test_keep_graph_flows_gradients_to_the_probed_layer():
 def test_probe_rejects_bad_requests():
     model = tiny_model("qwen2", layers=2)
     kwargs, queries, keys = _batch(model, "right")
-    with pytest.raises(AlignTIError, match="same number of key"):
+    with pytest.raises(ValueError, match="same number of key"):
         with probe_attention(model, [0], queries, [keys[0], keys[1][:-1], keys[2]]):
             pass
-    with pytest.raises(AlignTIError, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
         with probe_attention(model, [5], queries, keys):
             pass
-    with pytest.raises(AlignTIError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         with torch.no_grad(), probe_attention(model, [0], queries, [k + 1000 for k in keys]):
             model(**kwargs)
-    with pytest.raises(AlignTIError, match="no full forward"):
+    with pytest.raises(ValueError, match="no full forward"):
         with probe_attention(model, [0], queries, keys) as probe:
             pass
         probe.result()
@@ -154,6 +154,7 @@ def test_l1_normalize_keeps_zero_rows_finite():
 def test_probe_can_be_chosen_at_load_time(tiny_model_dir):
     from alignti.models.loading import load_model
 
+    register_probe()  # explicit: importing the probe module registers nothing
     model = load_model(tiny_model_dir, attn_implementation={"text_config": PROBE_ATTENTION})
     assert text_attn_implementation(model) == PROBE_ATTENTION
     assert model.config.vision_config._attn_implementation == "sdpa"

@@ -29,7 +29,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alignti.errors import AlignTIError
+from alignti.data.encode import EncodedSample
 
 PROBE_ATTENTION = "alignti_probe"
 _SLOT = "_alignti_probe_slot"  # attribute set on a probed attention module while a request is active
@@ -86,7 +86,7 @@ def _probe_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
     b, h, q_len, d = query.shape
     h_kv, kv_len = key.shape[1], key.shape[2]
     if req.max_q >= q_len or req.max_k >= kv_len:
-        raise AlignTIError(f"probe indices out of range: query < {q_len} and key < {kv_len} required")
+        raise ValueError(f"probe indices out of range: query < {q_len} and key < {kv_len} required")
     device = query.device
     q_index, q_valid, k_index = (t.to(device) for t in (req.q_index, req.q_valid, req.k_index))
     n_q, n_rep = q_index.shape[1], h // h_kv
@@ -123,7 +123,7 @@ def probe_attention_forward(
         return out
     layer = module.layer_idx
     if query.shape[0] != req.q_index.shape[0]:
-        raise AlignTIError(f"probe got {req.q_index.shape[0]} samples' indices for a batch of {query.shape[0]}")
+        raise ValueError(f"probe got {req.q_index.shape[0]} samples' indices for a batch of {query.shape[0]}")
     if req.keep_graph:
         alpha = _probe_rows(query, key, attention_mask, scaling, req)
     else:
@@ -135,20 +135,20 @@ def probe_attention_forward(
     return out
 
 
-AttentionInterface.register(PROBE_ATTENTION, probe_attention_forward)
-# Without a mask builder under the same name transformers passes no mask at all and padding is
-# silently ignored; the SDPA builder gives SDPA exactly what the "sdpa" implementation gets.
-AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+def register_probe() -> None:
+    """Register the probe under PROBE_ATTENTION with transformers (idempotent).
 
-
-def _text_config(model: PreTrainedModel):
-    """The language model's config (LLaVA-style composites) or the model's own (plain LMs)."""
-    return getattr(model.config, "text_config", None) or model.config
+    `install_probe` calls it; call it yourself before `from_pretrained(attn_implementation=...)`
+    names the probe. Without a mask builder under the same name transformers passes no mask at all
+    and padding is silently ignored; the SDPA builder gives SDPA exactly what "sdpa" gets.
+    """
+    AttentionInterface.register(PROBE_ATTENTION, probe_attention_forward)
+    AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
 
 
 def text_attn_implementation(model: PreTrainedModel) -> str:
     """The attention implementation the language model currently uses."""
-    return _text_config(model)._attn_implementation
+    return model.config.get_text_config()._attn_implementation
 
 
 def _set_text_attn(model: PreTrainedModel, name: str) -> None:
@@ -157,7 +157,7 @@ def _set_text_attn(model: PreTrainedModel, name: str) -> None:
     else:
         model.set_attn_implementation(name)
     if text_attn_implementation(model) != name:
-        raise AlignTIError(f"could not set the language model's attention to {name!r}")
+        raise ValueError(f"could not set the language model's attention to {name!r}")
 
 
 def install_probe(model: PreTrainedModel) -> str:
@@ -165,6 +165,7 @@ def install_probe(model: PreTrainedModel) -> str:
 
     Idle, the probe is plain SDPA, so generate and training behave as with "sdpa".
     """
+    register_probe()
     previous = text_attn_implementation(model)
     if previous != PROBE_ATTENTION:
         _set_text_attn(model, PROBE_ATTENTION)
@@ -179,23 +180,23 @@ def uninstall_probe(model: PreTrainedModel, previous: str = "sdpa") -> None:
 
 def _attention_modules(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
     """Language-model attention modules by `layer_idx` (vision-tower attention is excluded)."""
-    cfg = _text_config(model)
+    cfg = model.config.get_text_config()
     found = {m.layer_idx: m for m in model.modules()
              if hasattr(m, "layer_idx") and getattr(m, "config", None) is cfg and hasattr(m, "num_key_value_groups")}
     if not found:
-        raise AlignTIError(f"{type(model).__name__}: no language-model attention modules with layer_idx found")
+        raise ValueError(f"{type(model).__name__}: no language-model attention modules with layer_idx found")
     return found
 
 
 def _pad_indices(per_sample: Sequence[torch.Tensor], what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """List of 1-D index tensors -> right-padded LongTensor [B, max] and validity mask [B, max]."""
     if len(per_sample) == 0:
-        raise AlignTIError(f"probe: empty list of {what}")
+        raise ValueError(f"probe: empty list of {what}")
     rows = [torch.as_tensor(x, dtype=torch.long).reshape(-1).cpu() for x in per_sample]
     if any(r.numel() == 0 for r in rows):
-        raise AlignTIError(f"probe: every sample needs at least one {what[:-1]} index")
+        raise ValueError(f"probe: every sample needs at least one {what[:-1]} index")
     if any(int(r.min()) < 0 for r in rows):
-        raise AlignTIError(f"probe: negative {what[:-1]} index")
+        raise ValueError(f"probe: negative {what[:-1]} index")
     width = max(r.numel() for r in rows)
     index = torch.zeros(len(rows), width, dtype=torch.long)
     valid = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -203,6 +204,24 @@ def _pad_indices(per_sample: Sequence[torch.Tensor], what: str) -> tuple[torch.T
         index[i, : r.numel()] = r
         valid[i, : r.numel()] = True
     return index, valid
+
+
+def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Query (instruction) and key (vision) positions per sample for the probe.
+
+    A sample with no instruction text (e.g. only `<image>`) queries from the last prompt token,
+    the position that predicts the first answer token. Text-only samples get placeholder keys
+    (their result is ignored) because the probe needs the same key count for every sample.
+    """
+    queries, keys = [], []
+    for s in samples:
+        q = s.instruction_positions
+        if q.numel() == 0:
+            first = s.resp_positions[:1]
+            q = first if first.numel() else torch.tensor([s.length - 1])
+        queries.append(q)
+        keys.append(s.vision_positions[:n_v] if s.n_v else torch.arange(n_v))
+    return queries, keys
 
 
 @dataclass
@@ -222,7 +241,7 @@ class AttentionProbe:
         """
         missing = [layer for layer in self.layers if layer not in self._request.results]
         if missing:
-            raise AlignTIError(f"probe: no full forward reached layer(s) {missing} inside the context")
+            raise ValueError(f"probe: no full forward reached layer(s) {missing} inside the context")
         out = {layer: self._request.results[layer] for layer in self.layers}
         return {layer: l1_normalize(a) for layer, a in out.items()} if normalize else out
 
@@ -257,17 +276,17 @@ def probe_attention(
     """
     key_index, key_valid = _pad_indices(keys, "keys")
     if not bool(key_valid.all()):
-        raise AlignTIError("probe: every sample must request the same number of key positions")
+        raise ValueError("probe: every sample must request the same number of key positions")
     q_index, q_valid = _pad_indices(queries, "queries")
     if q_index.shape[0] != key_index.shape[0]:
-        raise AlignTIError(f"probe: {q_index.shape[0]} query lists but {key_index.shape[0]} key lists")
+        raise ValueError(f"probe: {q_index.shape[0]} query lists but {key_index.shape[0]} key lists")
     modules = _attention_modules(model)
     layers = tuple(int(layer) for layer in layers)
     bad = [layer for layer in layers if layer not in modules]
     if not layers or bad:
-        raise AlignTIError(f"probe: layers {bad or '[]'} not in the model's LM layers 0..{max(modules)}")
+        raise ValueError(f"probe: layers {bad or '[]'} not in the model's LM layers 0..{max(modules)}")
     if any(getattr(modules[layer], _SLOT, None) is not None for layer in layers):
-        raise AlignTIError("probe: a probe is already active on this model")
+        raise ValueError("probe: a probe is already active on this model")
     request = _Request(q_index, q_valid, key_index, int(q_index.max()), int(key_index.max()), keep_graph)
     previous = install_probe(model)
     for layer in layers:

@@ -4,8 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from alignti.errors import AlignTIError
-from alignti.extract.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
+from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
 from tests.extract.tiny_models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
 
 D = 3
@@ -133,17 +132,17 @@ def test_ribbon_bf16_forward():
 def test_ribbon_rejects_bad_input():
     ids = [torch.tensor([5, 3, 3, 6, 7, 8])]  # image token 3 at positions 1..2
     ok = torch.tensor([[9, 10]])
-    with pytest.raises(AlignTIError, match="split the image"):
+    with pytest.raises(ValueError, match="split the image"):
         build_ribbon(ids, [torch.tensor([1])], [ok], pad_id=0, image_token_id=3)
-    with pytest.raises(AlignTIError, match="image token"):
+    with pytest.raises(ValueError, match="image token"):
         build_ribbon(ids, [torch.tensor([3])], [torch.tensor([[9, 3]])], pad_id=0, image_token_id=3)
-    with pytest.raises(AlignTIError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="strictly increasing"):
         build_ribbon(ids, [torch.tensor([4, 3])], [ok.repeat(2, 1)], pad_id=0)
-    with pytest.raises(AlignTIError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="strictly increasing"):
         build_ribbon(ids, [torch.tensor([6])], [ok], pad_id=0)
-    with pytest.raises(AlignTIError, match="one d"):
+    with pytest.raises(ValueError, match="one d"):
         build_ribbon(ids * 2, [torch.tensor([3]), torch.tensor([4])], [ok, torch.tensor([[1, 2, 4]])], pad_id=0)
-    with pytest.raises(AlignTIError, match="disagree"):
+    with pytest.raises(ValueError, match="disagree"):
         build_ribbon(ids, [torch.tensor([3, 4])], [ok], pad_id=0)
-    with pytest.raises(AlignTIError, match="shorter"):
+    with pytest.raises(ValueError, match="shorter"):
         build_candidate_pass(ids, [torch.tensor([3])], [ok], cache_length=4, pad_id=0)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from alignti.errors import AlignTIError
 
 _NOT_GT = torch.iinfo(torch.long).max  # column "position" of non-ground-truth slots: never visible
 
@@ -76,33 +75,33 @@ def _check_sample(b: int, ids: torch.Tensor, steps: torch.Tensor, cands: torch.T
                   image_token_id: int | None) -> None:
     """Boundary checks for one sample (cheap: CPU tensors of a few hundred entries)."""
     if ids.ndim != 1 or ids.numel() == 0:
-        raise AlignTIError(f"ribbon sample {b}: input ids must be a non-empty 1-D tensor")
+        raise ValueError(f"ribbon sample {b}: input ids must be a non-empty 1-D tensor")
     if steps.ndim != 1 or cands.ndim != 2 or cands.shape[0] != steps.numel():
-        raise AlignTIError(f"ribbon sample {b}: steps [n] and candidates [n, d] disagree "
+        raise ValueError(f"ribbon sample {b}: steps [n] and candidates [n, d] disagree "
                            f"({tuple(steps.shape)} vs {tuple(cands.shape)})")
     if steps.numel() == 0:
         return
     if int(steps[0]) < 0 or int(steps[-1]) >= ids.numel() or bool((steps[1:] <= steps[:-1]).any()):
-        raise AlignTIError(f"ribbon sample {b}: steps must be strictly increasing in [0, {ids.numel() - 1}]")
+        raise ValueError(f"ribbon sample {b}: steps must be strictly increasing in [0, {ids.numel() - 1}]")
     if image_token_id is not None:
         image_pos = (ids == image_token_id).nonzero()
         if image_pos.numel() and int(steps[0]) < int(image_pos.max()):
-            raise AlignTIError(f"ribbon sample {b}: a step before the last image token would split the image run")
+            raise ValueError(f"ribbon sample {b}: a step before the last image token would split the image run")
         if bool((cands == image_token_id).any()):
-            raise AlignTIError(f"ribbon sample {b}: a candidate is the image token")
+            raise ValueError(f"ribbon sample {b}: a candidate is the image token")
 
 
 def _normalise(input_ids: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                candidates: Sequence[torch.Tensor], image_token_id: int | None) -> tuple[list, list, list, int]:
     """CPU long tensors per sample, zero-step samples reshaped to [0, d]; returns d too."""
     if not (len(input_ids) == len(steps) == len(candidates)) or len(input_ids) == 0:
-        raise AlignTIError("ribbon: input_ids, steps and candidates need one entry per sample (B >= 1)")
+        raise ValueError("ribbon: input_ids, steps and candidates need one entry per sample (B >= 1)")
     ids = [torch.as_tensor(x).long().cpu() for x in input_ids]
     stp = [torch.as_tensor(s).long().cpu().reshape(-1) for s in steps]
     cnd = [torch.as_tensor(c).long().cpu() for c in candidates]
     widths = {c.shape[1] if c.ndim == 2 else -1 for c in cnd if c.shape[0] > 0}
     if len(widths) > 1 or min(widths, default=1) < 1:
-        raise AlignTIError(f"ribbon: candidates must be [n, d] with one d >= 1 for all steps, got {sorted(widths)}")
+        raise ValueError(f"ribbon: candidates must be [n, d] with one d >= 1 for all steps, got {sorted(widths)}")
     d = widths.pop() if widths else 0
     cnd = [c.reshape(0, d) if c.shape[0] == 0 else c for c in cnd]
     for b in range(len(ids)):
@@ -218,7 +217,7 @@ def build_candidate_pass(
     ids, stp, cnd, d = _normalise(input_ids, steps, candidates, image_token_id)
     bsz, counts = len(ids), [s.numel() * d for s in stp]
     if cache_length < max(x.numel() for x in ids):
-        raise AlignTIError(f"candidate pass: cache length {cache_length} is shorter than a sample")
+        raise ValueError(f"candidate pass: cache length {cache_length} is shorter than a sample")
     width = max(max(counts), 1)
     out_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
     pos = torch.zeros(bsz, width, dtype=torch.long)
