@@ -8,8 +8,6 @@ Three modes, one command:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.storage.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -131,14 +130,6 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
     return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
@@ -163,6 +154,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "questions_file": str(Path(cfg.questions).resolve()), "answers_file": str(cfg.answers_path.resolve()),
         "limit": cfg.limit, "generated": generated, "seconds": round(time.time() - start, 3),
     })
-    write_json(Path(cfg.out) / "scores.json", result)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
     print(scores_table(result))
     return result

@@ -6,7 +6,7 @@ coordinates offset by the image's start, and the text after an image continues f
 start + max(h, w) / merge, not from start + n_v (modeling_qwen2_vl.py:895-997). So a token's
 triple depends on everything before it, and the ribbon cannot number its slots itself.
 
-The ribbon (`alignti.extract.ribbon`) already maps every slot to the original position it
+The ribbon (`alignti.models.ribbon`) already maps every slot to the original position it
 stands for: its 1-D `position_ids` are t for the ground-truth token t and t+1 for a candidate of
 step t (the ground-truth token it replaces), and so are a `CandidatePass`'s. The M-RoPE
 positions of either are therefore the plain batch's triples gathered at those indices

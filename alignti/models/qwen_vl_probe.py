@@ -1,6 +1,6 @@
 """Probing a batch whose samples have different vision-token counts (Qwen-VL's dynamic resolution).
 
-The attention probe (`alignti.extract.probe`) accepts the Qwen-VL language models unchanged:
+The attention probe (`alignti.models.probe`) accepts the Qwen-VL language models unchanged:
 their decoder attentions carry `layer_idx`, hold the composite config's `text_config` object
 itself (the identity `_attention_modules` checks), call the attention function registered
 under `config._attn_implementation` with `scaling` and the SDPA-built mask, and
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from alignti.extract.probe import l1_normalize
+from alignti.models.probe import l1_normalize
 
 
 def pad_keys(keys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, DynamicCache
 
 from alignti.errors import AlignTIError
-from alignti.extract.probe import probe_attention, text_attn_implementation
-from alignti.extract.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
+from alignti.models.probe import probe_attention, text_attn_implementation
+from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
 from alignti.models.qwen_vl import (
     CHAT_TEMPLATE, FAMILIES, VISION_TOKENS, ImageBatch, QwenVLSpec, build_tiny_qwen_vl, expected_vision_tokens,
     image_token_ids, process_images, save_model_dir,
@@ -20,7 +20,7 @@ from alignti.models.qwen_vl import (
 from alignti.models.qwen_vl_positions import gather_positions, rope_positions
 from alignti.models.qwen_vl_probe import drop_padded_keys, pad_keys
 from alignti.models.tokenizer import train_tokenizer
-from tests.extract.tiny_models import pad_batch, sharpen
+from tests.helpers.models import pad_batch, sharpen
 
 TEXTS = ["what colour is the red circle in the top left corner", "how many green triangles are there"] * 4
 # (width, height) -> smart_resize at patch 14, merge 2, 56^2..112^2 pixels: 30x20 is scaled up to
