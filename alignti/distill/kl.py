@@ -33,10 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignti.errors import AlignTIError
-
-DIVERGENCES = ("fkl", "rkl", "jsd")
-TAILS = ("bucket", "renorm")
+from alignti.distill.config import DIVERGENCES, TAILS
 # Teacher mass on padded ids above which the trainer should warn (once).
 PADDED_MASS_WARN = 1e-6
 # Under rkl a bucket the teacher rounds to zero (fp16 cache, a tail clamped at 0) would make
@@ -49,19 +46,17 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_divergence(divergence: str, beta: float, tail: str) -> None:
-    """Raise AlignTIError for an unknown divergence or tail or a beta outside [0, 1]."""
-    if divergence not in DIVERGENCES:
-        raise AlignTIError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if tail not in TAILS:
-        raise AlignTIError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
-    if not 0.0 <= beta <= 1.0:
-        raise AlignTIError(f"jsd beta must be in [0, 1], got {beta}")
+    """ValueError for an unknown divergence or tail or a beta outside [0, 1] (a user's options are
+    checked where they are parsed, `distill.config.LossConfig`; this guards direct callers, once per
+    call, not per chunk)."""
+    if divergence not in DIVERGENCES or tail not in TAILS or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"divergence {divergence!r} (of {DIVERGENCES}), tail {tail!r} (of {TAILS}), beta {beta}")
 
 
 def check_topk_rows(n: int, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> None:
-    """Raise AlignTIError unless teacher_ids and teacher_logprobs are both [n, k]."""
+    """ValueError unless teacher_ids and teacher_logprobs are both [n, k]."""
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
-        raise AlignTIError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
+        raise ValueError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
                            f"logprobs {tuple(teacher_logprobs.shape)}")
 
 
@@ -131,6 +126,8 @@ def _divergence(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor, diver
     if divergence == "rkl":
         lp_floor = torch.where(present, lp.clamp_min(math.log(RKL_TEACHER_FLOOR)), 0.0)
         return (q * (lq - lp_floor)).sum(-1)
+    if divergence != "jsd":
+        raise ValueError(f"unknown divergence {divergence!r}")
     if beta <= 0.0 or beta >= 1.0:
         # The mixture equals one side, whose weight is 0: the divergence is exactly 0.
         return (lq * 0.0).sum(-1)
@@ -165,16 +162,15 @@ def topk_kl_rows(
     tail: "bucket" = k+1 buckets with the exact tail (default); "renorm" = teacher top-k
     renormalised to sum 1, the student renormalised over the same ids, the tail ignored.
     """
-    check_divergence(divergence, beta, tail)
     if student_logits.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 \
             or teacher_ids.shape[0] != student_logits.shape[0]:
-        raise AlignTIError(f"top-k KL shapes disagree: logits {tuple(student_logits.shape)}, ids "
+        raise ValueError(f"top-k KL shapes disagree: logits {tuple(student_logits.shape)}, ids "
                            f"{tuple(teacher_ids.shape)}, logprobs {tuple(teacher_logprobs.shape)}")
     logits = student_logits.float()
     ids = teacher_ids.long()
     lps = teacher_logprobs.float()
     valid = (ids >= 0) & (ids < logits.shape[-1])
-    build = _buckets_tail if tail == "bucket" else _buckets_renorm
+    build = {"bucket": _buckets_tail, "renorm": _buckets_renorm}[tail]
     lp, lq, present = build(logits, ids, lps, valid)
     return _divergence(lp, lq, present, divergence, beta)
 
@@ -221,7 +217,7 @@ def chunked_row_sum(
     the head): backward gives zero gradients, never NaN.
     """
     if chunk_size < 1:
-        raise AlignTIError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = logits.shape[0] if row_index is None else row_index.shape[0]
     # split() rather than slicing: its backward concatenates the chunk gradients once instead of
     # materialising a full-size zero gradient per chunk.
@@ -271,7 +267,7 @@ def chunked_topk_kl(
     n = student_logits.shape[0] if row_index is None else row_index.shape[0]
     check_topk_rows(n, teacher_ids, teacher_logprobs)
     if weights is not None and weights.shape != (n,):
-        raise AlignTIError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     fn = functools.partial(topk_kl_rows, divergence=divergence, beta=beta, tail=tail)
     total = chunked_row_sum(fn, student_logits, (teacher_ids, teacher_logprobs), row_index=row_index,
                             weights=weights, chunk_size=chunk_size, head=head)

@@ -9,8 +9,7 @@ rows plus `head=` (the fused LM head: applied per chunk inside the recomputed ch
 `kl.chunked_row_sum`).
 
 Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
-- `sft_loss`:  cross-entropy over labelled targets (count: labelled targets).
-- `sft_rows_loss`: the same on pre-gathered rows (count: rows).
+- `sft_rows_loss`: cross-entropy of the labelled rows (count: rows).
 - `kd_loss`:   top-k KL at response rows (count: rows).
 - `sft_kd_loss`: both of those in one pass over the response rows.
 - `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
@@ -30,9 +29,7 @@ import torch.nn.functional as F
 
 from alignti.distill.config import TPA_WEIGHTINGS
 from alignti.distill.kl import Head, check_topk_rows, chunked_row_sum, chunked_topk_kl, topk_kl_rows
-from alignti.errors import AlignTIError
 
-IGNORE_INDEX = -100
 
 SumCount = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,24 +43,6 @@ def _ce_rows(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(rows, targets, reduction="none")
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> SumCount:
-    """Summed next-token cross-entropy over labelled targets, and their number.
-
-    logits: [B, T, V] any float dtype; labels: [B, T] int, IGNORE_INDEX (-100) where unscored.
-    Logits at position t predict labels[t + 1]. Only labelled rows are gathered, `chunk_size`
-    at a time, upcast to fp32 and recomputed in backward; no [B, T, V] fp32 tensor exists.
-    Costs one host sync (finding the labelled rows). All masked -> (0, 0).
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise AlignTIError(f"sft_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    b, t, v = logits.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # target of each position
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [N] flat positions
-    total = chunked_row_sum(_ce_rows, logits.reshape(b * t, v), (targets[rows],), row_index=rows,
-                            chunk_size=chunk_size)
-    return total, _count(rows.numel(), logits)
-
-
 def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, *,
                   row_index: torch.Tensor | None = None, head: Head | None = None) -> SumCount:
     """Summed cross-entropy of pre-selected rows, and their number (the distill step's L_sft).
@@ -72,12 +51,12 @@ def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: 
     labelled (already gathered, e.g. only the response rows of a ribbon), or [M, V] with
     row_index [N] long selecting them; with `head` (the fused LM head, `kl.chunked_row_sum`)
     hidden states [N, H] / [M, H] instead. targets: [N] int, the labelled next tokens. Chunked,
-    upcast to fp32 and recomputed in backward like `sft_loss`; no host sync. N = 0 -> (0, 0)
+    upcast to fp32 and recomputed in backward (`kl.chunked_row_sum`); no host sync. N = 0 -> (0, 0)
     with a zero, NaN-free gradient.
     """
     n = logits_rows.shape[0] if row_index is None else row_index.shape[0]
     if logits_rows.dim() != 2 or targets.shape != (n,):
-        raise AlignTIError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
+        raise ValueError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
                            f"{tuple(targets.shape)} disagree")
     total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), row_index=row_index, chunk_size=chunk_size,
                             head=head)
@@ -134,7 +113,7 @@ def sft_kd_loss(
     n = rows.shape[0] if row_index is None else row_index.shape[0]
     check_topk_rows(n, teacher_ids, teacher_logprobs)
     if targets.shape != (n,):
-        raise AlignTIError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}")
+        raise ValueError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}")
     fn = functools.partial(_sft_kd_rows, **div)
     total = chunked_row_sum(fn, rows, (targets.long(), teacher_ids, teacher_logprobs), row_index=row_index,
                             chunk_size=chunk_size, head=head)  # [2]
@@ -185,7 +164,7 @@ def iva_loss(
     """
     m = teacher_ids.shape[0]
     if saliency_weights.shape != (m,) or sample_index.shape != (m,):
-        raise AlignTIError(f"iva_loss: {m} rows but saliency {tuple(saliency_weights.shape)}, "
+        raise ValueError(f"iva_loss: {m} rows but saliency {tuple(saliency_weights.shape)}, "
                            f"sample_index {tuple(sample_index.shape)}")
     w_tilde, count = iva_weights(saliency_weights, sample_index, num_samples)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=w_tilde, row_index=row_index,
@@ -202,7 +181,7 @@ def iva_attention_loss(teacher_saliency: torch.Tensor, student_attention: torch.
     the student ignores gives a finite penalty. Pad unused positions with 0 in both.
     """
     if teacher_saliency.shape != student_attention.shape or teacher_saliency.dim() != 2:
-        raise AlignTIError(f"iva_attention_loss: saliency {tuple(teacher_saliency.shape)} and attention "
+        raise ValueError(f"iva_attention_loss: saliency {tuple(teacher_saliency.shape)} and attention "
                            f"{tuple(student_attention.shape)} disagree")
     w = teacher_saliency.float()
     w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -221,7 +200,7 @@ def tpa_weights(cand_logprobs: torch.Tensor, weighting: str = "teacher") -> tupl
     and u is renormalised over the real candidates; a step with none has u = 0 and is not counted.
     """
     if weighting not in TPA_WEIGHTINGS:
-        raise AlignTIError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
+        raise ValueError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
     lp = cand_logprobs.float()
     real = torch.isfinite(lp)
     has_any = real.any(-1, keepdim=True)
@@ -256,7 +235,7 @@ def tpa_loss(
     """
     n_c, d = cand_logprobs.shape
     if teacher_ids.shape[0] != n_c * d:
-        raise AlignTIError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
+        raise ValueError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
     u, count = tpa_weights(cand_logprobs, weighting)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=u.reshape(-1),
                                row_index=row_index, chunk_size=chunk_size, divergence=divergence, beta=beta,
@@ -276,11 +255,11 @@ def combine(
     over every micro-batch of the optimizer step (and every rank), used instead of the local
     count. Summing `total` over micro-batches then gives the exact global mean. Under DDP,
     which averages gradients over ranks, pass global counts divided by the world size (or scale
-    the loss by it). A weighted term that was not computed is an AlignTIError.
+    the loss by it). A weighted term that was not computed is a ValueError.
     """
     missing = [n for n, w in weights.items() if w != 0 and n not in terms]
     if missing:
-        raise AlignTIError(f"loss terms {missing} have non-zero weight but were not computed")
+        raise ValueError(f"loss terms {missing} have non-zero weight but were not computed")
     total: torch.Tensor | None = None
     means: dict[str, torch.Tensor] = {}
     for name, (s, c) in terms.items():
@@ -291,5 +270,5 @@ def combine(
         if w != 0:
             total = w * mean if total is None else total + w * mean
     if total is None:
-        raise AlignTIError("no loss term has a non-zero weight")
+        raise ValueError("no loss term has a non-zero weight")
     return total, means
