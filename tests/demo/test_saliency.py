@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from alignti.data.boxes import patch_overlap
-from alignti.eval.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box
+from alignti.demo.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box
 
 
 def test_box_mass_whole_and_partial_patches():

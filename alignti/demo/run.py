@@ -20,19 +20,19 @@ from PIL import Image
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.demo.parallel import run_many
+from alignti.demo.report import write_report
+from alignti.demo.saliency import box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
+from alignti.demo.tower import copy_tower, pretrain_tower, shapes_tower_data
 from alignti.distill.config import DistillConfig
-from alignti.distill.parallel import run_many
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.eval.saliency import box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, load_processor
-from alignti.models.tower import copy_tower, pretrain_tower, shapes_tower_data
-from alignti.demo_report import write_report
 
 MARKER = ".alignti-demo"
 RECIPES = ("sft", "kd", "alignti")
@@ -46,7 +46,7 @@ class DemoPlan:
     n: int  # shapes records (train + test)
     teacher: dict  # AssembleConfig size fields
     students: dict[str, dict]  # name -> AssembleConfig size fields
-    tower_steps: int  # vision-tower pretraining (models/tower.py)
+    tower_steps: int  # vision-tower pretraining (demo/tower.py)
     teacher_steps: int
     teacher_lr: float
     ground_weight: float  # teacher SFT's grounding term (distill/grounding.py)

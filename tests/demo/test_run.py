@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from alignti import demo
+from alignti.demo import run as demo
 from alignti.errors import AlignTIError
 
 _V = dict(vision_hidden=32, vision_layers=1, image_size=32, patch=16, vocab_size=320)
