@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.demo.parallel import run_many
 from alignti.demo.report import write_report
-from alignti.demo.saliency import box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
+from alignti.demo.saliency import saliency_pictures
 from alignti.demo.tower import copy_tower, pretrain_tower, shapes_tower_data
 from alignti.distill.config import DistillConfig
 from alignti.distill.train import run_distill
@@ -196,28 +195,3 @@ def run_demo(cfg: DemoConfig) -> dict:
                         "ground_layer": GROUND_LAYER}
     return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal,
                         {"vision_tower": tower_result, "teacher_training": teacher_training}, stage.seconds, cfg.quick)
-
-
-def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
-    """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
-    model, processor = load_model(teacher), load_processor(teacher)
-    items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
-    with_box = [it for it in items if it.box]
-    masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
-    peaks = [peak_in_box(it.saliency, it.image_size, it.box) for it in with_box]
-    tokens = [object_patch_mass(it.saliency, it.image_size, it.box) for it in with_box]
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, it in enumerate(with_box[:pictures]):
-        with Image.open(root / it.sample.image_path) as im:
-            path = out / f"saliency_{i:02d}.png"
-            overlay(im, it).save(path)
-            files.append(str(path))
-    n = max(len(masses), 1)
-    return {"layer": layer, "samples": len(masses), "pictures": files,
-            "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
-            "mean_box_share": round(sum(s for _, s in masses) / n, 4),
-            "mean_mass_on_object_patches": round(sum(m for m, _ in tokens) / n, 4),
-            "mean_object_patch_share": round(sum(s for _, s in tokens) / n, 4),
-            "peak_in_box_rate": round(sum(hit for hit, _ in peaks) / n, 4),
-            "peak_in_box_chance": round(sum(c for _, c in peaks) / n, 4)}

@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alignti.data.boxes import patch_overlap
-from alignti.demo.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box
+from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.demo.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
+from alignti.extract.run import ExtractConfig, run_extract
+from alignti.models.assemble import AssembleConfig, run_assemble
+from alignti.models.loading import load_model, load_processor
+from alignti.storage.reader import CacheReader
 
 
 def test_box_mass_whole_and_partial_patches():
@@ -44,3 +50,32 @@ def test_object_patch_mass_counts_whole_tokens():
     assert box_mass(sal, (64, 64), (4, 4, 20, 20))[0] == pytest.approx(0.7 * 0.25)
     # a box straddling patches (0,0) and (1,0): both tokens count
     assert object_patch_mass(sal, (64, 64), (4, 20, 20, 40)) == pytest.approx((0.85, 0.5))
+
+
+def test_picture_saliency_is_the_cached_saliency(tmp_path):
+    """The pictures show what extraction caches: `teacher_saliency` (one plain teacher pass with the
+    probe) gives, at the same layer, the saliency `alignti extract` writes (fp16 there)."""
+    run_shapes(ShapesConfig(out=str(tmp_path / "s"), n=30, seed=1))
+    corpus, root = tmp_path / "s" / "train.json", tmp_path / "s"
+    teacher = run_assemble(AssembleConfig(out=str(tmp_path / "t"), random=True, corpus=str(corpus), seed=0, hidden=64,
+                                          layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_layers=1,
+                                          image_size=32, patch=8, vocab_size=320))
+    model = load_model(teacher)
+    with torch.no_grad():  # larger LM weights than the random init's: peaked, layer-dependent attention
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "language_model" in name and "embed" not in name:
+                p.mul_(8)
+    model.save_pretrained(teacher)
+    run_extract(ExtractConfig(teacher=str(teacher), data=str(corpus), image_root=str(root), out=str(tmp_path / "c"),
+                              iva_layer="1", tpa_d=0, top_k=4, iva_top_k=4, iva_max_positions=4))
+    reader = CacheReader.open(str(tmp_path / "c"))
+    cached = {s.sample_id: s.saliency for s in reader.get_batch(range(len(reader)))}
+    processor = load_processor(teacher)
+    items = {layer: teacher_saliency(model, processor, str(corpus), str(root), layer, limit=100) for layer in (0, 1)}
+    assert len(items[1]) == len(cached) > 10
+    for it in items[1]:
+        assert it.saliency.shape == (16,) and it.saliency.sum() == pytest.approx(1, abs=1e-5)
+        np.testing.assert_allclose(it.saliency, cached[it.sample.sample_id], atol=2e-3)
+    # the check can tell layers apart: saliency is peaked and differs between them
+    assert max(float(it.saliency.max() - it.saliency.min()) for it in items[1]) > 0.05
+    assert max(float(np.abs(a.saliency - b.saliency).max()) for a, b in zip(items[0], items[1])) > 0.02
