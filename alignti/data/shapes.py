@@ -28,10 +28,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from alignti.data.shapes_render import COLORS, SHAPES, ShapeObject, geometry, place_objects, png_bytes, render
 from alignti.errors import AlignTIError
+from alignti.progress import progress_bar
 
 QUESTION_TYPES = ("color", "shape", "position", "count", "existence")
 MULTI_TURN_FRACTION = 0.2
@@ -268,7 +267,7 @@ def run_shapes(cfg: ShapesConfig) -> dict:
     types = [_block_types(cfg.seed, i // 5)[i % 5] for i in range(cfg.n)]
     held = _test_indices(cfg.seed, types, cfg.test_fraction)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for i in tqdm(range(cfg.n), desc="shapes corpus", unit="img", disable=None, leave=False):
+    for i in progress_bar(range(cfg.n), desc="shapes corpus", unit="img", leave=False):
         record, png = make_record(cfg.seed, i, types[i], i // 5, cfg.image_size, digits)
         (root / record["image"]).write_bytes(png)
         splits["test" if i in held else "train"].append(record)

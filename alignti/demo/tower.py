@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import ProcessorMixin
-from tqdm import tqdm
 
 from alignti.data.corpus import Reject, load_image, read_corpus
 from alignti.data.shapes_render import COLORS, POSITIONS, SHAPES
 from alignti.errors import AlignTIError
 from alignti.data.boxes import patch_overlap
 from alignti.models.loading import load_model
+from alignti.progress import progress_bar
 
 # Head name -> classes; class 0 of colour and shape is "no object in this patch".
 HEADS = {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES), "quadrant": len(POSITIONS)}
@@ -93,7 +93,7 @@ def pretrain_tower(model: nn.Module, pixel_values: torch.Tensor, labels: dict[st
     opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     recent: list[dict[str, float]] = []
-    for _ in tqdm(range(steps), desc="vision tower", unit="step", dynamic_ncols=True):
+    for _ in progress_bar(range(steps), desc="vision tower", unit="step"):
         idx = torch.randint(0, pixel_values.shape[0], (batch_size,), generator=gen)
         feats = tower_features(model, pixel_values[idx])  # [b, n_v, H_v]
         logits = {name: head(feats) for name, head in heads.items()}
