@@ -37,7 +37,8 @@ class SaliencyItem:
     answer: str
 
 
-def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float]:
+def box_mass(saliency: np.ndarray, size: tuple[int, int],
+             box: tuple[float, float, float, float]) -> tuple[float, float]:
     """(saliency mass inside the box, the box's share of the image area)."""
     grid = int(round(math.sqrt(saliency.shape[0])))
     frac = patch_overlap(grid, size, box)
