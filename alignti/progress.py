@@ -2,10 +2,11 @@
 
 On a terminal it is plain tqdm, redrawn in place. Written to a file or a pipe (`alignti demo > log`,
 a batch job's output), tqdm would append every redraw to the log, up to ten a second, each behind a
-carriage return. There a bar writes one plain line (counts, rate, ETA; no bar glyphs) when it
-starts, then one each time another tenth of its total is done, at least LINE_SECONDS after the
-previous line, with one at least every QUIET_SECONDS while it advances (without a total: one every
-LINE_SECONDS), and one when it ends: at most about a dozen lines for a bar with a total, however
+carriage return. There a bar writes plain lines (counts, rate, ETA; no bar glyphs): the first once
+it has run LINE_SECONDS, then one each time another tenth of its total is done, at least
+LINE_SECONDS after the previous line, with one at least every QUIET_SECONDS while it advances
+(without a total: one every LINE_SECONDS), and always a last one when it ends. A bar that ends
+within LINE_SECONDS is that one line; any bar with a total is at most about a dozen lines, however
 often it is updated.
 """
 
@@ -64,9 +65,9 @@ class _Lines:
 class LogBar(tqdm):
     """tqdm that lets a redraw through only when the module docstring's rule says a line is due.
 
-    Every redraw goes through `refresh` (after `update`, `set_postfix`, tqdm's monitor thread), so
-    the rule holds however the caller drives the bar; `close` writes the final line unless the last
-    line already showed it.
+    Every redraw but the last goes through `refresh` (after `update`, `set_postfix`, tqdm's monitor
+    thread), so the rule holds however the caller drives the bar; `close` writes the final line
+    unless the last line already showed it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -74,18 +75,18 @@ class LogBar(tqdm):
         super().__init__(*args, **kwargs)
 
     def refresh(self, nolock: bool = False, lock_args: tuple | None = None) -> bool | None:
-        if self.disable:
+        if self.disable or not hasattr(self, "start_t"):  # tqdm's own first redraw, from __init__
             return None
         now = self._time()
-        if self._line is not None:
-            done, waited = self.n - self._line[0], now - self._line[1]
-            tenth = not self.total or done >= self.total / 10 or waited >= QUIET_SECONDS
-            if waited < LINE_SECONDS or not tenth or done <= 0:
-                return False
+        last_n, last_t = self._line if self._line is not None else (self.initial, self.start_t)
+        done, waited = self.n - last_n, now - last_t
+        tenth = self._line is None or not self.total or done >= self.total / 10 or waited >= QUIET_SECONDS
+        if waited < LINE_SECONDS or not tenth or done <= 0:
+            return False
         self._line = (self.n, now)
         return super().refresh(nolock=nolock, lock_args=lock_args)
 
     def close(self) -> None:
         if self._line is not None and self._line[0] == self.n:
             self.leave = False  # nothing new since the last line: write no copy of it
-        super().close()
+        super().close()  # with leave: the final line
