@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
@@ -34,6 +35,7 @@ from alignti.models.fingerprint import fingerprint_model_dir
 
 MARKER = ".alignti-demo"
 RECIPES = ("sft", "kd", "alignti")
+TEACHER_RECIPE = "sft + grounding"  # SFT with the grounding term (distill/grounding.py)
 GROUND_LAYER = 1
 
 
@@ -136,10 +138,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     plan = QUICK if cfg.quick else DEFAULT
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    hf_logging.disable_progress_bar()  # its bars per model load and save: noise, at these sizes done in ms
     stage, work = Stages(), prepare_workdir(cfg.workdir)
     shapes = work / "shapes"
     with stage("corpus"):
-        run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
+        corpus = run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
     train_json, test_json = shapes / "train.json", shapes / "test.json"
     with stage("models"):
         init = assemble_models(work / "init", plan, train_json, cfg.seed)
@@ -154,7 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with stage("extract"):
         extract = run_extract(ExtractConfig(teacher=str(teacher), data=str(train_json), image_root=str(shapes),
                                             out=str(cache), iva_layer=str(irs["layer"]), batch_size=16))
-    models = {"teacher": {"role": "teacher", "recipe": "sft", "path": teacher, "size": "teacher"}}
+    models = {"teacher": {"role": "teacher", "recipe": TEACHER_RECIPE, "path": teacher, "size": "teacher"}}
     with stage("distill"):  # six independent runs from the one cache, --jobs at a time
         models.update(distill_students(init, work / "students", plan, cache, cfg))
     with stage("eval"):
@@ -164,8 +167,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         sal = saliency_pictures(teacher, test_json, shapes, irs["layer"], work / "saliency", plan.pictures)
     teacher_training = {"steps": plan.teacher_steps, "lr": plan.teacher_lr, "ground_weight": plan.ground_weight,
                         "ground_layer": GROUND_LAYER}
-    return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal,
-                        {"vision_tower": tower_result, "teacher_training": teacher_training}, stage.seconds, cfg.quick)
+    setup = {"vision_tower": tower_result, "teacher_training": teacher_training,
+             "test_questions": corpus["question_types"]["test"]}
+    return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, setup, stage.seconds,
+                        cfg.quick)
 
 
 def assemble_models(out: Path, plan: DemoPlan, corpus: Path, seed: int) -> dict[str, Path]:
@@ -187,13 +192,14 @@ def train_teacher(init: Path, out: Path, plan: DemoPlan, shapes: Path, seed: int
 
 
 def choose_iva_layer(teacher: Path, shapes: Path, out: Path, samples: int) -> dict:
-    """`alignti irs` on the teacher (irs.json and irs.png in `out`'s folder); prints the choice."""
+    """`alignti irs` on the teacher; prints the choice. Returns irs.json's content plus "plot": the
+    bar chart run_irs writes beside it."""
     irs = run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
                             out=str(out), samples=samples))
+    irs["plot"] = str(out.with_suffix(".png"))
     others = [s for i, s in enumerate(irs["scores"]) if i != irs["layer"]]
     print(f"IVA layer l* = {irs['layer']}, IRS {irs['scores'][irs['layer']]:.3f}"
-          + (f" (other layers <= {max(others):.3f})" if others else "") + f"; plot {out.with_suffix('.png')}",
-          flush=True)
+          + (f" (other layers <= {max(others):.3f})" if others else "") + f"; plot {irs['plot']}", flush=True)
     return irs
 
 

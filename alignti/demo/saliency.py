@@ -34,7 +34,7 @@ class SaliencyItem:
     box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 in original image pixels
     image_size: tuple[int, int]  # original (width, height)
     question: str
-    answer: str
+    answer: str  # the gold answer (the corpus's)
 
 
 def box_mass(saliency: np.ndarray, size: tuple[int, int],
@@ -103,7 +103,7 @@ def teacher_saliency(model: PreTrainedModel, processor: ProcessorMixin, data: st
 def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Image:
     """The image upscaled and dimmed where the saliency is low (the most salient patch keeps full
     brightness, a patch with none keeps 20%), each patch's share printed on it (grids up to 8 x 8),
-    the box outlined, question and answer printed above."""
+    the box outlined, the question and its gold answer (the corpus's) printed above."""
     grid = int(round(math.sqrt(item.saliency.shape[0])))
     base = image.convert("RGB").resize((side, side), Image.NEAREST)
     heat = item.saliency.reshape(grid, grid).astype(np.float64)
@@ -124,7 +124,7 @@ def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Im
         x0, y0, x1, y1 = item.box
         draw.rectangle([x0 * sx, 36 + y0 * sy, x1 * sx - 1, 36 + y1 * sy - 1], outline=(0, 255, 255), width=2)
     draw.text((4, 2), item.question[:48], fill="black")
-    draw.text((4, 18), f"answer: {item.answer}   (numbers: teacher saliency per patch)", fill="black")
+    draw.text((4, 18), f"gold answer: {item.answer}", fill="black")  # the corpus's, not the teacher's reply
     return canvas
 
 
