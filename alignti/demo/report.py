@@ -134,7 +134,7 @@ def report_markdown(work: Path, report: dict[str, Any], table: str) -> list[str]
         f"{teaching['ground_weight']}, layer {teaching['ground_layer']}: its instruction-to-vision attention trained "
         "toward the asked-about objects' boxes, so it looks where it is asked, as IVA presumes of a large pretrained "
         "teacher).",
-        f"IVA layer (IRS): {irs['layer']} with scores {irs['scores']}.", "",
+        f"IVA layer (IRS): {irs['layer']}; IRS per layer: {', '.join(f'{x:.3g}' for x in irs['scores'])}.", "",
         f"![IRS per layer]({Path(irs['plot']).relative_to(work)})", "",
         f"Teacher saliency on the asked-about object ({sal['samples']} test images): "
         f"{sal['mean_mass_on_object_patches']:.3f} of the mass on the vision tokens the object's box "
