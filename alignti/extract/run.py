@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
@@ -29,6 +28,7 @@ from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.progress import progress_bar
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
@@ -190,7 +190,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 else:
                     yield enc
 
-        bar = tqdm(desc=f"extract w{worker}/{num_workers}", unit="sample", dynamic_ncols=True)
+        total = None if cfg.resume else sum(1 for _ in worker_rows(cfg.data, worker, num_workers, cfg.limit))
+        bar = progress_bar(desc=f"extract w{worker}/{num_workers}", unit="sample", total=total)
         loop_start = time.time()
         # Batches are cut from every row, committed or not, so a resume forms the batches of an
         # uninterrupted run (outputs depend slightly on batch mates: padding width, reduction order).
