@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
@@ -25,6 +24,7 @@ from alignti.extract.irs_score import choose_layer, irs_scores
 from alignti.models.devices import check_device, check_dtype
 from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
 from alignti.models.probe import probe_attention, probe_targets
+from alignti.progress import progress_bar
 from alignti.storage.files import write_errors
 
 
@@ -86,7 +86,7 @@ def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id
     layers = list(range(model.config.get_text_config().num_hidden_layers))
     alphas = []
     batches = list(length_grouped(samples, batch_size))
-    for group in tqdm(batches, desc="irs", unit="batch", disable=not progress):
+    for group in progress_bar(batches, desc="irs", unit="batch", disable=not progress):
         batch = collate(group, pad_id).to(model.device, model.dtype)
         queries, keys = probe_targets(batch.samples, group[0].n_v)
         with probe_attention(model, layers, queries, keys) as probe:
@@ -127,7 +127,7 @@ def run_irs(cfg: IrsConfig) -> dict:
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
-    result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}
+    result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
     with write_errors("IRS result", out):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
