@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alignti.distill.config import resume_differences
@@ -34,6 +35,9 @@ LOG = "log.jsonl"
 RUN_JSON = "distill.json"  # written at start: marks the directory as a distill output
 STATE = "state.json"
 _PREFIX = "step-"
+# What a full disk raises while saving: OSError, torch.save's RuntimeError ("unexpected pos ..."),
+# safetensors' SafetensorError. The data saved is ours, so these are the file system's errors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -137,7 +141,7 @@ def begin_checkpoint(out: str | Path, step: int) -> Path:
 
 def write_rank_rng(tmp: Path, rank: int) -> None:
     state = rng_state()
-    with write_errors("checkpoint", tmp, temp=tmp):
+    with write_errors("checkpoint", tmp, temp=tmp, kinds=WRITE_ERRORS):
         torch.save(state, tmp / f"rng-{rank}.pt")
 
 
@@ -147,7 +151,7 @@ def finish_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: Any, schedul
     A failed write (disk full) removes `tmp` and is one AlignTIError line; older checkpoints stay."""
     final = tmp.parent / f"{_PREFIX}{state['step']}"  # OUT/checkpoints/step-N
     weights, opt, sched = trainable_state(model), optimizer.state_dict(), scheduler.state_dict()
-    with write_errors("checkpoint", final, temp=tmp):
+    with write_errors("checkpoint", final, temp=tmp, kinds=WRITE_ERRORS):
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(opt, tmp / "optimizer.pt")
         torch.save(sched, tmp / "scheduler.pt")
@@ -284,7 +288,7 @@ def save_final(model: torch.nn.Module, processor: Any, out: str | Path, dtype: t
     if tmp.exists():
         shutil.rmtree(tmp)
     model.to(dtype)
-    with write_errors("the final model", final, temp=tmp):
+    with write_errors("the final model", final, temp=tmp, kinds=WRITE_ERRORS):
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if final.exists():

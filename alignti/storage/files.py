@@ -26,14 +26,15 @@ from alignti.errors import AlignTIError
 
 
 @contextlib.contextmanager
-def write_errors(what: str, path: str | os.PathLike, temp: Path | None = None) -> Iterator[None]:
+def write_errors(what: str, path: str | os.PathLike, temp: Path | None = None,
+                 kinds: tuple[type[Exception], ...] = (OSError,)) -> Iterator[None]:
     """Writes of `what` (e.g. "cache part") to `path`: a failure first removes `temp` (the
-    half-written temporary file or directory, when there is one), then becomes one AlignTIError
-    naming the path, the reason and the space left there.
+    half-written temporary file or directory, when there is one); an exception of `kinds` then
+    becomes one AlignTIError naming the path, the reason and the space left there (others, bugs,
+    keep their traceback).
 
-    Wrap only writes of data already built and checked: their errors are the file system's. Not
-    all are OSErrors: on a full disk torch.save raises RuntimeError ("unexpected pos ...") and
-    safetensors a SafetensorError.
+    Not every full disk is an OSError: torch.save raises RuntimeError ("unexpected pos ...") and
+    safetensors a SafetensorError, so their callers pass those kinds too.
     """
     try:
         yield
@@ -42,7 +43,7 @@ def write_errors(what: str, path: str | os.PathLike, temp: Path | None = None) -
             shutil.rmtree(temp, ignore_errors=True)
         elif temp is not None:
             temp.unlink(missing_ok=True)
-        if isinstance(e, AlignTIError):  # a nested write already said which file failed
+        if isinstance(e, AlignTIError) or not isinstance(e, kinds):  # a nested write already named its file
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
         raise AlignTIError(f"cannot write {what} {os.fspath(path)}: {reason}{_space_left(Path(path))}") from None
