@@ -222,16 +222,18 @@ def _file_values(ctx: click.Context, config_cls: type, path: str) -> dict[str, A
     return out
 
 
-def write_run_file(cfg: Any, path: str | os.PathLike, command: str) -> Path:
+def write_run_file(cfg: Any, path: str | os.PathLike, command: str, note: str = "") -> Path:
     """Write `cfg`'s options as a run file `alignti COMMAND --config PATH` reads back, with a
-    commented header saying so (written to a temporary name, then renamed)."""
+    commented header saying so (and `note`, one more comment line; written to a temporary name, then
+    renamed)."""
     path = Path(path)
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in options(cfg).items()}
     header = (f"# alignti {command}: the options of the run started {time.strftime('%Y-%m-%d %H:%M:%S')} in "
               f"{os.getcwd()}\n"
               f"# (relative paths are relative to that directory). Run it again with\n"
               f"#   alignti {command} --config {path}\n"
-              f"# options given as flags after it override the values below (e.g. another --out).\n")
+              f"# options given as flags after it override the values below (e.g. another --out).\n"
+              + (f"# {note}\n" if note else ""))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

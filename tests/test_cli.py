@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from alignti.cli import cli
 
-COMMANDS = ["assemble", "data", "demo", "distill", "eval", "extract", "inspect", "irs"]
+COMMANDS = ["assemble", "data", "demo", "distill", "eval", "extract", "inspect", "irs", "plot"]
 
 
 def test_help_lists_every_command():
