@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers, load_questions
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+
+RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,12 @@ def write_json(path: Path, obj: dict) -> None:
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
-        return build_report(cfg.dirs, cfg.out)
+        report = build_report(cfg.dirs, cfg.out)
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
+        return report
     start = time.time()
     questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
+    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     questions = questions[:cfg.limit] if cfg.limit else questions
     generated = generate_missing(cfg, questions) if cfg.model else 0
     if cfg.model and any(q.answer is None for q in questions):

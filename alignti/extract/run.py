@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from alignti.cliargs import write_run_file
 from alignti.data.batching import Batch, collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
@@ -30,7 +31,7 @@ from alignti.extract.vllm_backend import VllmEngine, VllmSignals, check_vllm_set
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
 from alignti.storage.lifecycle import load_existing, local_root
-from alignti.storage.schema import CacheManifest, CacheSettings
+from alignti.storage.schema import RUN_YAML, CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
 
 
@@ -178,6 +179,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
         teacher = TeacherSignals(model, settings, pad_id, cfg.chunk_size)
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:
+        write_run_file(cfg, local_root(cfg.out) / RUN_YAML, "extract", note="informative: not part of the cache; "
+                       "with several workers, the latest to start wrote it")
         committed, rejected = writer.committed_ids(), writer.rejected_source_ids()
 
         def samples() -> Iterator[EncodedSample]:
