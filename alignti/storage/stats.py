@@ -14,7 +14,7 @@ from alignti.storage.schema import CACHE_JSON, REJECTS_PARQUET, SAMPLE_ARRAYS, S
 SIGNALS = ("topk", "tpa", "iva_saliency", "iva_topk", "metadata", "rejects")
 
 
-def _signal_of(rel: str) -> str:
+def signal_of(rel: str) -> str:
     """Accounting bucket of a file inside a part (path relative to the part dir)."""
     if rel == REJECTS_PARQUET:
         return "rejects"
@@ -31,7 +31,7 @@ def signal_bytes(reader: CacheReader) -> tuple[dict[str, int], int]:
     total = int(loc.fs.size(loc.path(CACHE_JSON)))
     for p in reader.parts:
         for rel, size in part_file_sizes(loc, p.name).items():
-            out[_signal_of(rel)] += size
+            out[signal_of(rel)] += size
             total += size
     return dict(out), total
 
