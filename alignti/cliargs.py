@@ -202,7 +202,7 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def _file_values(ctx: click.Context, config_cls: type, path: str) -> dict[str, Any]:
+def config_values(ctx: click.Context, config_cls: type, path: str) -> dict[str, Any]:
     """The run file's values, each checked and converted by its option's click type, as if given as
     a flag (`lr: 2e-5` is a string to YAML, a float here; a choice outside its list is refused)."""
     values = read_run_file(path)
@@ -255,7 +255,7 @@ def from_dataclass(config_cls: type) -> Callable:
             ctx = click.get_current_context()
             path = kwargs.pop(CONFIG)
             given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) in _GIVEN}
-            values = {**_file_values(ctx, config_cls, path), **given} if path else given
+            values = {**config_values(ctx, config_cls, path), **given} if path else given
             return fn(build(config_cls, values))
 
         for _, f, tp in reversed(leaves(config_cls)):
