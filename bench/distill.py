@@ -10,7 +10,7 @@ reports, in one run:
   (target <= 1.30): the trainer's own step (`train.optimizer_step` + clip + AdamW) on the same
   micro-batches, recipes interleaved step by step in one process, median over steps;
 - offline Align-TI step / online step, where the online step first runs the teacher over the
-  batch (`TeacherSignals`: plain pass + probe + candidate pass, the signals extraction stores)
+  batch (`HfTeacher`: plain pass + probe + candidate pass, the signals extraction stores)
   and then takes the identical student step (target: >= 2.5x faster), interleaved likewise;
 - peak memory of an offline and of an online Align-TI run (target offline/online <= 0.5), each
   in its own subprocess: on GPU `torch.cuda.max_memory_allocated`; on CPU the process's peak RSS
@@ -47,7 +47,7 @@ from alignti.distill.objective import Objective
 from alignti.distill.order import epoch_micro_batches
 from alignti.distill.train import build_optimizer, freeze, make_accelerator, optimizer_step
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
 from alignti.models.loading import load_model, load_processor
 from alignti.storage.reader import CacheReader
 
@@ -151,7 +151,7 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
     if online:
         encoder = SampleEncoder(processor, str(work / "shapes"), 2048)
         samples = [encoder.encode(r) for r in read_corpus(work / "shapes" / "train.json")]
-        teacher = TeacherSignals(load_model(work / "teacher", str(acc.device), torch.bfloat16 if
+        teacher = HfTeacher(load_model(work / "teacher", str(acc.device), torch.bfloat16 if
                                             torch.cuda.is_available() else torch.float32), settings, pad_id)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -28,3 +28,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
                           str(tmp_path / "missing")], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.startswith("alignti: error:") and res.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["data", "shapes"], ["eval", "--benchmark", "gqa", "--questions", "q.jsonl"]])
+def test_missing_required_option_is_a_usage_error(args):
+    # A dataclass field without a default is a required option: click must refuse the call
+    # before the command runs, not pass None into it.
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert "Missing option '--out'" in res.output

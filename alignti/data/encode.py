@@ -160,11 +160,12 @@ class SampleEncoder:
         return Reject(row.source_id, path.reason, path.detail) if isinstance(path, Reject) else path
 
     def _tokenise(self, row: CorpusRow, offsets: bool) -> tuple[np.ndarray, np.ndarray | None, list, list]:
-        """int64 [L] unexpanded ids, int64 [L] start char of each (with offsets), assistant and user char spans."""
+        """int64 [L] unexpanded ids, int64 [L, 2] [start, end) chars of each (with offsets), assistant and
+        user char spans."""
         full, label_chars, instr_chars = self.char_spans(row.turns)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
-        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64) if offsets else None
-        return np.asarray(enc["input_ids"], dtype=np.int64), starts, label_chars, instr_chars
+        chars = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) if offsets else None
+        return np.asarray(enc["input_ids"], dtype=np.int64), chars, label_chars, instr_chars
 
     def text_ids(self, row: CorpusRow) -> np.ndarray:
         """int64 [L] the row's unexpanded token ids, exactly as `encode` tokenises it (no image needed)."""
@@ -199,7 +200,7 @@ class SampleEncoder:
         image = None if path is None else load_image(path)
         if isinstance(image, Reject):
             return Reject(row.source_id, image.reason, image.detail)
-        text_ids, starts, label_chars, instr_chars = self._tokenise(row, offsets=True)
+        text_ids, chars, label_chars, instr_chars = self._tokenise(row, offsets=True)
         bad = self._token_reject(row, text_ids)
         if bad is not None:
             return bad
@@ -207,17 +208,22 @@ class SampleEncoder:
         if image is not None:
             pixel_values = self.processor.image_processor(images=[image.image], return_tensors="pt")["pixel_values"]
             n_v = self.num_vision_tokens(pixel_values)
-        return self._expand(row, image, text_ids, starts, label_chars, instr_chars, pixel_values, n_v)
+        return self._expand(row, image, text_ids, chars, label_chars, instr_chars, pixel_values, n_v)
 
-    def _expand(self, row: CorpusRow, image: LoadedImage | None, text_ids: np.ndarray, starts: np.ndarray,
+    def _expand(self, row: CorpusRow, image: LoadedImage | None, text_ids: np.ndarray, chars: np.ndarray,
                 label_chars: list, instr_chars: list, pixel_values: torch.Tensor | None,
                 n_v: int) -> EncodedSample | Reject:
+        starts, ends = chars[:, 0], chars[:, 1]
+        # Labels: tokens starting inside an assistant span (its content and end-of-turn token).
         in_label = np.zeros(len(text_ids), bool)
         for s, e in label_chars:
             in_label |= (starts >= s) & (starts < e)
+        # Instruction: tokens overlapping the user text, so a first word whose token carries a leading
+        # space (' is') counts; a token of whitespace alone outside the stripped text (the newline
+        # after <image>) does not.
         in_instr = np.zeros(len(text_ids), bool)
         for s, e in instr_chars:
-            in_instr |= (starts >= s) & (starts < e)
+            in_instr |= (starts < e) & (ends > s)
         is_image = text_ids == self.image_token_id
         in_instr &= ~is_image
         # Each unexpanded token becomes 1 position, or n_v positions for an image token.

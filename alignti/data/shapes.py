@@ -1,22 +1,33 @@
 """`alignti data shapes`: a seeded synthetic VQA corpus of coloured shapes in LLaVA format.
 
 Every first question has one of five types, balanced exactly (each block of five consecutive
-records holds one of each): `color` ("What colour is the square?", the shape is unique in the
+images holds one of each): `color` ("What colour is the square?", the shape is unique in the
 image), `shape` ("What shape is the red object?", the colour is unique), `position` ("Where is
 the red circle?" -> one of "top left|top right|bottom left|bottom right"), `count` ("How many
 red objects are there?" / "How many circles are there?" -> "0".."3", answers balanced) and
 `existence` ("Is there a red circle?" -> "yes"/"no", balanced; a "no" always has a near miss:
 same colour other shape, or same shape other colour). About 20% of records have a second
-question (no `<image>` tag) about another object. Answers are short, lowercase, no period.
+question (no `<image>` tag) about another object. With `--answer-style short` (the default)
+answers are short, lowercase, no period.
+
+The other styles (`shapes_answers.py`) answer the same questions in a sentence, or with a
+short reasoning that ends in "The answer is <short answer>.", or (`mixed`) in a style drawn per
+question. They also add a sixth question type, `describe` ("Describe the object in the top
+left." -> "a small yellow triangle"), as a record of its own (id `shapes-<i>-describe`) on the
+image of each block's position question, in that image's split. Scenes, images, question
+texts and boxes do not depend on the style: a short corpus is the long one minus the
+description records, with other answer texts. Long-style records carry `answer_style` (top
+level and in every `qa` entry: short|sentence|reasoning, what `mixed` drew).
 
 `target_box` is the box of the one object the first answer depends on. Count and existence
 questions have one only when exactly one object matches (count "1", existence "yes"); otherwise
 `target_box` is null and `relevant_boxes` lists every matching object (empty for "0"/"no").
-`qa` repeats question_type / answer / target_box / relevant_boxes for every turn.
+`qa` repeats question_type / answer / target_box / relevant_boxes for every turn. A
+description's box is its object's.
 
-Record i depends only on (seed, i, image_size), so a smaller `n` gives a prefix of a larger one;
-the same config always writes the same bytes (sorted JSON keys, fixed separators, PNGs with no
-metadata).
+Image i's records depend only on (seed, i, image_size, answer_style), so a smaller `n` gives
+a prefix of a larger one; the same config always writes the same bytes (sorted JSON keys, fixed
+separators, PNGs with no metadata).
 """
 
 from __future__ import annotations
@@ -24,27 +35,21 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from alignti.data.shapes_render import COLORS, SHAPES, ShapeObject, geometry, place_objects, png_bytes, render
+from alignti.data.shapes_answers import ANSWER_STYLES, MIXED_STYLES, styled_answer
+from alignti.data.shapes_questions import (DESCRIBE, QUESTION_TYPES, Question, describe_question, first_question,
+                                           follow_up)
+from alignti.data.shapes_render import ShapeObject, geometry, png_bytes, render
 from alignti.errors import AlignTIError
 
-QUESTION_TYPES = ("color", "shape", "position", "count", "existence")
 MULTI_TURN_FRACTION = 0.2
-# Two phrasings per question keep some variety while the vocabulary stays tiny (the demo's
-# tokenizer is trained on this corpus).
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "color": ("What colour is the {shape}?", "Which colour is the {shape}?"),
-    "shape": ("What shape is the {color} object?", "Which shape is the {color} object?"),
-    "position": ("Where is the {color} {shape}?", "Where is the {color} {shape} in the image?"),
-    "count_color": ("How many {color} objects are there?", "How many {color} objects are in the image?"),
-    "count_shape": ("How many {shape}s are there?", "How many {shape}s are in the image?"),
-    "existence": ("Is there a {color} {shape}?", "Is there a {color} {shape} in the image?"),
-}
+# Long styles add one description record per block of five images, on the image of the block's
+# position question (so the test split holds exactly as many descriptions as position questions).
+DESCRIBED_TYPE = "position"
 
 
 @dataclass(frozen=True)
@@ -52,160 +57,61 @@ class ShapesConfig:
     """Options of `alignti data shapes`."""
 
     out: str = field(metadata={"help": "output directory (train.json, test.json, images/); also the image root"})
-    n: int = field(default=2000, metadata={"help": "number of records (one image each), train + test"})
+    n: int = field(default=2000, metadata={
+        "help": "number of images (train + test), one record each, plus description records in the long styles"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed writes the same bytes"})
     image_size: int = field(default=64, metadata={"help": "image side in pixels (>= 32)"})
     test_fraction: float = field(default=0.1, metadata={"help": "share of records in test.json, stratified by question type"})
+    answer_style: str = field(default="short", metadata={"choices": ANSWER_STYLES, "help": (
+        "short: a word or phrase ('yellow', '2', 'top left'), the original corpus; sentence: one sentence "
+        "('The triangle is yellow.'); reasoning: where each relevant object is, then the answer ('The top "
+        "right quadrant holds a yellow triangle. The answer is yellow.'); mixed: one of the three per "
+        "question, seeded. Every style but short adds a description record ('Describe the object in the "
+        "top left.' -> 'a small yellow triangle') on one image in five. Images and questions are the same "
+        "in every style")})
 
 
-@dataclass(frozen=True)
-class Question:
-    """One question about a scene; `target` is the single object the answer depends on, if any."""
-
-    qtype: str
-    text: str
-    answer: str
-    target: ShapeObject | None
-    relevant: tuple[ShapeObject, ...]
-
-    def meta(self) -> dict:
-        return {"question_type": self.qtype, "answer": self.answer,
-                "target_box": list(self.target.box) if self.target else None,
-                "relevant_boxes": [list(o.box) for o in self.relevant]}
-
-
-def _ask_color(rng: random.Random, target: ShapeObject) -> Question:
-    return Question("color", rng.choice(TEMPLATES["color"]).format(shape=target.shape), target.color,
-                    target, (target,))
+def _record(rid: str, image: str, objects: list[ShapeObject], questions: list[Question],
+            styles: list[str] | None) -> dict:
+    """One LLaVA-format record; `styles` (None: short, no `answer_style` field) per question."""
+    answers = [styled_answer(q, st) for q, st in zip(questions, styles)] if styles else [q.answer for q in questions]
+    qa = [q.meta(a) for q, a in zip(questions, answers)]
+    for meta, style in zip(qa, styles or ()):
+        meta["answer_style"] = style
+    conversations = []
+    for turn, (q, a) in enumerate(zip(questions, answers)):
+        conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + q.text})
+        conversations.append({"from": "gpt", "value": a})
+    return {"id": rid, "image": image, "conversations": conversations, **qa[0],
+            "objects": [o.to_json() for o in objects], "qa": qa}
 
 
-def _ask_shape(rng: random.Random, target: ShapeObject) -> Question:
-    return Question("shape", rng.choice(TEMPLATES["shape"]).format(color=target.color), target.shape,
-                    target, (target,))
+def make_record(seed: int, index: int, qtype: str, variant: int, image_size: int, digits: int = 6,
+                answer_style: str = "short") -> tuple[list[dict], bytes]:
+    """Image `index`'s records (its own, then a description record if it gets one) and PNG bytes.
 
-
-def _ask_position(rng: random.Random, target: ShapeObject) -> Question:
-    text = rng.choice(TEMPLATES["position"]).format(color=target.color, shape=target.shape)
-    return Question("position", text, target.position, target, (target,))
-
-
-def _ask_count(rng: random.Random, objects: list[ShapeObject], by: str, value: str) -> Question:
-    relevant = tuple(o for o in objects if getattr(o, by) == value)
-    text = rng.choice(TEMPLATES[f"count_{by}"]).format(**{by: value})
-    return Question("count", text, str(len(relevant)), relevant[0] if len(relevant) == 1 else None, relevant)
-
-
-def _ask_existence(rng: random.Random, objects: list[ShapeObject], color: str, shape: str) -> Question:
-    relevant = tuple(o for o in objects if o.color == color and o.shape == shape)
-    text = rng.choice(TEMPLATES["existence"]).format(color=color, shape=shape)
-    return Question("existence", text, "yes" if relevant else "no", relevant[0] if relevant else None, relevant)
-
-
-def _specs(rng: random.Random, fixed: list[tuple[str, str]], colors: list[str], shapes: list[str],
-           exclude: tuple[str, str] | None = None) -> list[tuple[str, str]]:
-    """`fixed` (color, shape) pairs plus random distinct distractors from colors x shapes; 2-4 in all."""
-    n_obj = rng.randint(max(2, len(fixed)), 4)
-    pool = [(c, s) for c in colors for s in shapes if (c, s) not in fixed and (c, s) != exclude]
-    return fixed + rng.sample(pool, n_obj - len(fixed))
-
-
-def _first_question(rng: random.Random, qtype: str, variant: int,
-                    image_size: int) -> tuple[list[ShapeObject], Question]:
-    """Scene built around a question of `qtype`; `variant` (the block index) balances yes/no and counts."""
-    colors, shapes = list(COLORS), list(SHAPES)
-    color, shape = rng.choice(colors), rng.choice(shapes)
-    if qtype == "color":  # the asked shape must be unique: distractors use the other shapes
-        specs = _specs(rng, [(color, shape)], colors, [s for s in shapes if s != shape])
-    elif qtype == "shape":  # the asked colour must be unique
-        specs = _specs(rng, [(color, shape)], [c for c in colors if c != color], shapes)
-    elif qtype == "position":
-        specs = _specs(rng, [(color, shape)], colors, shapes)
-    elif qtype == "count":
-        k, by = variant % 4, ("color", "shape")[(variant // 4) % 2]
-        if by == "color":
-            fixed = [(color, s) for s in rng.sample(shapes, k)]
-            specs = _specs(rng, fixed, [c for c in colors if c != color], shapes)
-        else:
-            fixed = [(c, shape) for c in rng.sample(colors, k)]
-            specs = _specs(rng, fixed, colors, [s for s in shapes if s != shape])
-        objects = place_objects(rng, specs, image_size)
-        return objects, _ask_count(rng, objects, by, color if by == "color" else shape)
-    elif qtype == "existence":
-        if variant % 2 == 0:
-            specs = _specs(rng, [(color, shape)], colors, shapes)
-        else:  # absent, with a near miss so colour or shape alone cannot answer it
-            if rng.random() < 0.5:
-                near = (color, rng.choice([s for s in shapes if s != shape]))
-            else:
-                near = (rng.choice([c for c in colors if c != color]), shape)
-            specs = _specs(rng, [near], colors, shapes, exclude=(color, shape))
-        objects = place_objects(rng, specs, image_size)
-        return objects, _ask_existence(rng, objects, color, shape)
-    else:
-        raise ValueError(f"unknown question type {qtype!r}")
-    objects = place_objects(rng, specs, image_size)
-    target = next(o for o in objects if (o.color, o.shape) == (color, shape))
-    ask = {"color": _ask_color, "shape": _ask_shape, "position": _ask_position}[qtype]
-    return objects, ask(rng, target)
-
-
-def _follow_up_candidate(rng: random.Random, objects: list[ShapeObject], others: list[ShapeObject]) -> Question:
-    """A random question of a random type, preferring objects other than the first target."""
-    qtype = rng.choice(QUESTION_TYPES)
-    shape_counts = Counter(o.shape for o in objects)
-    color_counts = Counter(o.color for o in objects)
-    if qtype == "color":
-        pick = [o for o in others if shape_counts[o.shape] == 1]
-        if pick:
-            return _ask_color(rng, rng.choice(pick))
-    elif qtype == "shape":
-        pick = [o for o in others if color_counts[o.color] == 1]
-        if pick:
-            return _ask_shape(rng, rng.choice(pick))
-    elif qtype == "count":
-        by = rng.choice(("color", "shape"))
-        # Mostly about a present attribute (answers 1-3), sometimes any value (answer may be 0).
-        value = getattr(rng.choice(objects), by) if rng.random() < 0.75 else rng.choice(
-            list(COLORS) if by == "color" else list(SHAPES))
-        return _ask_count(rng, objects, by, value)
-    elif qtype == "existence":
-        if rng.random() < 0.5:
-            obj = rng.choice(others)
-            return _ask_existence(rng, objects, obj.color, obj.shape)
-        present = {(o.color, o.shape) for o in objects}
-        near = [(c, s) for c in COLORS for s in SHAPES
-                if (c, s) not in present and (c in color_counts or s in shape_counts)]
-        return _ask_existence(rng, objects, *rng.choice(near))
-    return _ask_position(rng, rng.choice(others))
-
-
-def _follow_up(rng: random.Random, objects: list[ShapeObject], first: Question) -> Question:
-    """Second-turn question; never the same text as the first."""
-    others = [o for o in objects if o is not first.target] or objects
-    for _ in range(8):
-        q = _follow_up_candidate(rng, objects, others)
-        if q.text != first.text:
-            return q
-    # A position question about another object (or any, when the first had no target) always differs.
-    return _ask_position(rng, others[0])
-
-
-def make_record(seed: int, index: int, qtype: str, variant: int, image_size: int,
-                digits: int = 6) -> tuple[dict, bytes]:
-    """One LLaVA-format record and its PNG bytes; depends only on the arguments."""
+    Depends only on the arguments. The scene and the questions come from one generator seeded by
+    (seed, index), the description and the styles `mixed` draws from generators of their own, so
+    every style sees the same images and questions.
+    """
     rng = random.Random(f"alignti-shapes:{seed}:{index}")
-    objects, first = _first_question(rng, qtype, variant, image_size)
+    objects, first = first_question(rng, qtype, variant, image_size)
     questions = [first]
     if rng.random() < MULTI_TURN_FRACTION:
-        questions.append(_follow_up(rng, objects, first))
-    conversations = []
-    for turn, q in enumerate(questions):
-        conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + q.text})
-        conversations.append({"from": "gpt", "value": q.answer})
+        questions.append(follow_up(rng, objects, first))
+    png = png_bytes(render(objects, image_size))
     name = f"{index:0{digits}d}"
-    record = {"id": f"shapes-{name}", "image": f"images/{name}.png", "conversations": conversations,
-              **first.meta(), "objects": [o.to_json() for o in objects], "qa": [q.meta() for q in questions]}
-    return record, png_bytes(render(objects, image_size))
+    image = f"images/{name}.png"
+    if answer_style == "short":
+        return [_record(f"shapes-{name}", image, objects, questions, None)], png
+    style_rng = random.Random(f"alignti-shapes-style:{seed}:{index}")
+    n_questions = len(questions) + (qtype == DESCRIBED_TYPE)
+    styles = [style_rng.choice(MIXED_STYLES) if answer_style == "mixed" else answer_style for _ in range(n_questions)]
+    records = [_record(f"shapes-{name}", image, objects, questions, styles[:len(questions)])]
+    if qtype == DESCRIBED_TYPE:
+        describe = describe_question(random.Random(f"alignti-shapes-describe:{seed}:{index}"), objects, image_size)
+        records.append(_record(f"shapes-{name}-describe", image, objects, [describe], styles[-1:]))
+    return records, png
 
 
 def _block_types(seed: int, block: int) -> list[str]:
@@ -245,6 +151,8 @@ def _prepare_out(out: str) -> Path:
 
 
 def _validate(cfg: ShapesConfig) -> None:
+    if cfg.answer_style not in ANSWER_STYLES:
+        raise AlignTIError(f"--answer-style must be one of {', '.join(ANSWER_STYLES)}, got {cfg.answer_style!r}")
     if cfg.n < 1:
         raise AlignTIError(f"--n must be >= 1, got {cfg.n}")
     if not 0.0 <= cfg.test_fraction < 1.0:
@@ -269,15 +177,16 @@ def run_shapes(cfg: ShapesConfig) -> dict:
     held = _test_indices(cfg.seed, types, cfg.test_fraction)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     for i in tqdm(range(cfg.n), desc="shapes corpus", unit="img", disable=None, leave=False):
-        record, png = make_record(cfg.seed, i, types[i], i // 5, cfg.image_size, digits)
-        (root / record["image"]).write_bytes(png)
-        splits["test" if i in held else "train"].append(record)
+        records, png = make_record(cfg.seed, i, types[i], i // 5, cfg.image_size, digits, cfg.answer_style)
+        (root / records[0]["image"]).write_bytes(png)
+        splits["test" if i in held else "train"] += records  # a description stays with its image
     for split, records in splits.items():
         _dump(root / f"{split}.json", records)
+    qtypes = QUESTION_TYPES + (() if cfg.answer_style == "short" else (DESCRIBE,))
     return {
         "out": str(root),
         "splits": {s: len(r) for s, r in splits.items()},
-        "question_types": {s: {t: sum(r["question_type"] == t for r in recs) for t in QUESTION_TYPES}
+        "question_types": {s: {t: sum(r["question_type"] == t for r in recs) for t in qtypes}
                            for s, recs in splits.items()},
         "multi_turn": {s: sum(len(r["conversations"]) > 2 for r in recs) for s, recs in splits.items()},
     }

@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw
 from alignti.errors import AlignTIError
 
 SHAPES = ("circle", "square", "triangle")
+# Size words of description answers: a side in the lower half of the side range is "small".
+SIZES = ("small", "large")
 # Saturated, well-separated colours: a tiny vision tower must tell them apart at 64 px.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -60,6 +62,12 @@ def geometry(image_size: int) -> tuple[int, int, int]:
     lo, hi = round(14 * scale), round(22 * scale)
     margin = max(2, round(3 * scale))
     return lo, hi, margin
+
+
+def size_word(box: tuple[int, int, int, int] | list[int], image_size: int) -> str:
+    """"small" for a side at most the middle of the side range (14-18 px at 64 px), else "large"."""
+    lo, hi, _ = geometry(image_size)
+    return SIZES[0] if 2 * (box[2] - box[0]) <= lo + hi else SIZES[1]
 
 
 def position_of_box(box: tuple[int, int, int, int] | list[int], image_size: int) -> str:

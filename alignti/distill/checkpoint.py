@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from alignti.distill.config import resume_differences
 from alignti.errors import AlignTIError
-from alignti.storage.parts import fsync_path
+from alignti.storage.files import fsync_path, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -84,12 +84,7 @@ def start_output_dir(out: str | Path, overwrite: bool, run_info: dict[str, Any])
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -1,11 +1,7 @@
-"""Benchmark question files -> `EvalQuestion`s, the answers JSONL, and opening a question's image.
+"""What every benchmark shares: `EvalQuestion`, LLaVA-1.5's prompt suffixes, the text that tells
+apart questions sharing an id, reading the benchmark files, the answers JSONL, and images.
 
-Question files are read in the formats LLaVA's docs/Evaluation.md uses (see docs/eval.md for the
-exact files each benchmark needs). Ground truth that LLaVA keeps in a separate file (GQA's
-testdev_balanced_questions.json, TextVQA_0.5.1_val.json, POPE's coco_pope_*.json, MME's txt
-files, ScienceQA's problems.json) is joined here, so a scorer only ever sees `EvalQuestion`s.
-`annotations` names that file or folder; when it is None the standard LLaVA playground layout
-next to the question file is tried.
+The per-benchmark question files are read by `alignti.eval.questions.load_questions`.
 
 `question_id` is kept exactly as the file has it, so our answers files stay LLaVA-compatible.
 It is not always unique (TextVQA uses the image id, MME the image path: two questions per
@@ -17,15 +13,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import io
 import json
 import re
-import sys
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from PIL import Image
 
@@ -40,10 +33,6 @@ BENCHMARKS = ("gqa", "textvqa", "pope", "mme", "scienceqa", "mmbench", "shapes")
 PROMPT_SUFFIX = {"gqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "pope": SHORT_ANSWER, "mme": SHORT_ANSWER,
                  "scienceqa": LETTER_ANSWER, "mmbench": LETTER_ANSWER, "shapes": ""}
 MMBENCH_GROUP = 1_000_000  # MMBench stores circular copies at index k * 1e6 + base index
-# pandas.read_table's default NA strings: LLaVA reads the MMBench TSV with pandas, so an option
-# spelled like one of these is treated as absent there; we do the same.
-_PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-              "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
 @dataclass(frozen=True)
@@ -108,22 +97,31 @@ def question_core(benchmark: str, prompt: str) -> str:
 
 # ---------------------------------------------------------------- file reading helpers
 
-def _read_json(path: Path, what: str) -> Any:
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`; `what` names the file in the one-line error a user sees."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise AlignTIError(f"{what} not found: {str(path)!r}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise AlignTIError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                           f"at offset {e.start})") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise AlignTIError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document in `path`; `what` names the file in the error a user sees."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
         raise AlignTIError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
 
 
-def _read_jsonl(path: Path, what: str, cut_tail_ok: bool = False) -> list[dict]:
+def read_jsonl(path: Path, what: str, cut_tail_ok: bool = False) -> list[dict]:
     """JSON objects, one per non-blank line. With `cut_tail_ok`, a last line without a newline
     that does not parse (a writer killed mid-line) is dropped instead of being an error."""
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise AlignTIError(f"{what} not found: {str(path)!r}") from None
+    lines = read_text(path, what).split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -140,13 +138,14 @@ def _read_jsonl(path: Path, what: str, cut_tail_ok: bool = False) -> list[dict]:
     return rows
 
 
-def _need(row: Mapping, name: str, where: str) -> Any:
+def need(row: Mapping, name: str, where: str) -> Any:
+    """`row[name]`, or an error naming the field and `where` the row is."""
     if name not in row or row[name] is None:
         raise AlignTIError(f"{where}: missing field {name!r}")
     return row[name]
 
 
-def _locate(given: str | Path | None, questions: Path, candidates: list[Path], what: str) -> Path:
+def locate(given: str | Path | None, questions: Path, candidates: list[Path], what: str) -> Path:
     """`given` if set, else the first existing candidate; a clear error otherwise."""
     if given is not None:
         p = Path(given)
@@ -157,228 +156,7 @@ def _locate(given: str | Path | None, questions: Path, candidates: list[Path], w
         if p.exists():
             return p
     looked = ", ".join(repr(str(p)) for p in candidates)
-    raise AlignTIError(f"{what} is needed to score {questions.name!r}; pass it as annotations (looked in {looked})")
-
-
-# ---------------------------------------------------------------- loaders (one per benchmark)
-
-def _load_gqa(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    ann_path = _locate(annotations, path, [path.parent / "testdev_balanced_questions.json",
-                                           path.parent / "data" / "testdev_balanced_questions.json"],
-                       "GQA answers (testdev_balanced_questions.json)")
-    gold = _read_json(ann_path, "GQA answers")
-    out = []
-    for n, row in enumerate(_read_jsonl(path, "GQA questions"), 1):
-        where = f"{path.name} line {n}"
-        qid = _need(row, "question_id", where)
-        entry = gold.get(str(qid))
-        if entry is None:
-            raise AlignTIError(f"{where}: question {qid!r} is not in {ann_path.name}")
-        types = entry.get("types") or {}
-        out.append(EvalQuestion("gqa", qid, "", with_suffix(_need(row, "text", where), SHORT_ANSWER),
-                                row.get("image"), entry["answer"],
-                                {"structural": types.get("structural"), "semantic": types.get("semantic")}))
-    return out
-
-
-def _load_textvqa(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    ann_path = _locate(annotations, path, [path.parent / "TextVQA_0.5.1_val.json"],
-                       "TextVQA annotations (TextVQA_0.5.1_val.json)")
-    data = _need(_read_json(ann_path, "TextVQA annotations"), "data", ann_path.name)
-    # LLaVA's jsonl uses the image id as question_id and eval_textvqa.py joins on (image id,
-    # lower-cased question); files that carry TextVQA's own numeric question_id also work.
-    by_pair = {(str(a["image_id"]), a["question"].strip().lower()): a for a in data}
-    by_id = {str(a["question_id"]): a for a in data}
-    out = []
-    for n, row in enumerate(_read_jsonl(path, "TextVQA questions"), 1):
-        where = f"{path.name} line {n}"
-        qid, text = _need(row, "question_id", where), _need(row, "text", where)
-        ann = by_pair.get((str(qid), textvqa_question(text))) or by_id.get(str(qid))
-        if ann is None:
-            raise AlignTIError(f"{where}: no annotation for ({qid!r}, {textvqa_question(text)!r}) in {ann_path.name}")
-        out.append(EvalQuestion("textvqa", qid, "", with_suffix(text, SHORT_ANSWER), row.get("image"),
-                                list(ann["answers"]), {"question": ann["question"]}))
-    return out
-
-
-def _load_pope(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    label_dir = _locate(annotations, path, [path.parent / "coco", path.parent],
-                        "POPE label folder (coco_pope_<split>.json)")
-    labels: dict[str, dict] = {}
-    rows = _read_jsonl(path, "POPE questions")
-    out = []
-    for n, row in enumerate(rows, 1):
-        where = f"{path.name} line {n}"
-        split, text = str(_need(row, "category", where)), _need(row, "text", where)
-        if split not in labels:
-            # eval_pope.py pairs labels with answers by position; joining on (image, question)
-            # gives the same pairs without trusting file order.
-            recs = _read_jsonl(label_dir / f"coco_pope_{split}.json", f"POPE labels for {split!r}")
-            labels[split] = {(r.get("image"), question_core("pope", r.get("text", ""))): r for r in recs}
-        lab = labels[split].get((row.get("image"), question_core("pope", text)))
-        if lab is None:
-            raise AlignTIError(f"{where}: no label for ({row.get('image')!r}, {text!r}) in coco_pope_{split}.json")
-        out.append(EvalQuestion("pope", _need(row, "question_id", where), "", with_suffix(text, SHORT_ANSWER),
-                                row.get("image"), str(lab["label"]).strip().lower(), {"split": split}))
-    return out
-
-
-def _mme_truth(root: Path, category: str, stem: str, cache: dict) -> dict[str, str]:
-    """{question core: "yes"/"no"} from MME's `<category>/[questions_answers_YN/]<stem>.txt`."""
-    if (category, stem) not in cache:
-        cat = root / category
-        qa_dir = cat / "questions_answers_YN" if (cat / "images").is_dir() else cat
-        txt = qa_dir / f"{stem}.txt"
-        if not txt.is_file():
-            raise AlignTIError(f"MME answer file not found: {str(txt)!r}")
-        truth = {}
-        for line in txt.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                question, _, answer = line.rstrip("\n").rpartition("\t")
-                truth[mme_question(question)] = answer.strip().lower()
-        cache[(category, stem)] = truth
-    return cache[(category, stem)]
-
-
-def _load_mme(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    cands = [path.parent / "MME_Benchmark_release_version"] + ([Path(image_root)] if image_root else [])
-    root = _locate(annotations, path, cands, "MME folder (MME_Benchmark_release_version)")
-    cache: dict = {}
-    out = []
-    for n, row in enumerate(_read_jsonl(path, "MME questions"), 1):
-        where = f"{path.name} line {n}"
-        qid, text = str(_need(row, "question_id", where)), _need(row, "text", where)
-        category = str(row.get("category") or qid.split("/")[0])
-        truth = _mme_truth(root, category, Path(qid.split("/")[-1]).stem, cache)
-        answer = truth.get(mme_question(text))
-        if answer is None:
-            raise AlignTIError(f"{where}: question {mme_question(text)!r} not in MME's answers for {qid!r}")
-        out.append(EvalQuestion("mme", qid, "", with_suffix(text, SHORT_ANSWER), row.get("image", qid), answer,
-                                {"category": category}))
-    return out
-
-
-def _load_scienceqa(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    base = _locate(annotations, path, [path.parent / "problems.json"], "ScienceQA problems.json")
-    base = base.parent if base.is_file() else base
-    problems = _read_json(base / "problems.json", "ScienceQA problems.json")
-    splits = base / "pid_splits.json"
-    # eval_science_qa.py scores the problems of the test split only.
-    test_ids = set(map(str, _read_json(splits, "pid_splits.json")["test"])) if splits.is_file() else None
-    rows = _read_json(path, "ScienceQA questions")
-    if not isinstance(rows, list):
-        raise AlignTIError(f"{path.name}: expected a JSON list of LLaVA conversation records")
-    out = []
-    for n, row in enumerate(rows):
-        where = f"{path.name} record {n}"
-        pid = str(_need(row, "id", where))
-        if test_ids is not None and pid not in test_ids:
-            continue
-        prob = problems.get(pid)
-        if prob is None:
-            raise AlignTIError(f"{where}: problem {pid!r} is not in problems.json")
-        human = next((t.get("value", "") for t in row.get("conversations", []) if t.get("from") == "human"), None)
-        if human is None:
-            raise AlignTIError(f"{where}: no human turn in 'conversations'")
-        prompt = with_suffix(human.replace("<image>", "").strip(), LETTER_ANSWER)
-        out.append(EvalQuestion("scienceqa", _need(row, "id", where), "", prompt, row.get("image"),
-                                int(_need(prob, "answer", f"problems.json {pid}")),
-                                {"choices": list(_need(prob, "choices", f"problems.json {pid}")),
-                                 "subject": prob.get("subject")}))
-    return out
-
-
-def _tsv_rows(path: Path) -> list[dict[str, str]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # inline base64 images are long fields
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
-    except FileNotFoundError:
-        raise AlignTIError(f"MMBench TSV not found: {str(path)!r}") from None
-    except csv.Error as e:
-        raise AlignTIError(f"MMBench TSV {str(path)!r} is malformed: {e}") from None
-
-
-def _present(value: str | None) -> bool:
-    return value is not None and value not in _PANDAS_NA and value.strip().lower() not in ("nan", "none")
-
-
-def _load_mmbench(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    rows = _tsv_rows(path)
-    images = {r.get("index"): r.get("image") for r in rows}
-    out = []
-    for n, row in enumerate(rows, 2):
-        where = f"{path.name} line {n}"
-        try:
-            index = int(_need(row, "index", where))
-        except ValueError:
-            raise AlignTIError(f"{where}: index {row['index']!r} is not an integer") from None
-        options = {}
-        for letter in "ABCD":  # model_vqa_mmbench.py offers A-D and stops at the first empty one
-            if not _present(row.get(letter)):
-                break
-            options[letter] = row[letter]
-        question = _need(row, "question", where)
-        if _present(row.get("hint")):
-            question = f"{row['hint']}\n{question}"
-        prompt = question + "".join(f"\n{k}. {v}" for k, v in options.items()) + f"\n{LETTER_ANSWER}"
-        image = row.get("image") or ""
-        if image.isdigit() and len(image) < 16:  # some TSVs point copies at their main row's image
-            image = images.get(image) or ""
-        answer = row.get("answer") if _present(row.get("answer")) else None
-        meta = {"options": options, "group": index % MMBENCH_GROUP, "category": row.get("category"),
-                "l2_category": row.get("l2-category", row.get("L2-category")), "split": row.get("split")}
-        out.append(EvalQuestion("mmbench", index, "", prompt, None, answer, meta, image or None))
-    return out
-
-
-def _load_shapes(path: Path, annotations: str | Path | None, image_root: str | Path | None) -> list[EvalQuestion]:
-    records = _read_json(path, "shapes test split")
-    if not isinstance(records, list):
-        raise AlignTIError(f"{path.name}: expected a JSON list of shapes records")
-    out = []
-    for n, rec in enumerate(records):
-        where = f"{path.name} record {n}"
-        turns = _need(rec, "conversations", where)
-        human = next((t["value"] for t in turns if t.get("from") == "human"), None)
-        if human is None:
-            raise AlignTIError(f"{where}: no human turn in 'conversations'")
-        # Only the first question is scored: question_type/answer describe that one.
-        out.append(EvalQuestion("shapes", _need(rec, "id", where), "", human.replace("<image>", "").strip(),
-                                rec.get("image"), str(_need(rec, "answer", where)),
-                                {"question_type": _need(rec, "question_type", where)}))
-    return out
-
-
-_LOADERS: dict[str, Callable[..., list[EvalQuestion]]] = {
-    "gqa": _load_gqa, "textvqa": _load_textvqa, "pope": _load_pope, "mme": _load_mme,
-    "scienceqa": _load_scienceqa, "mmbench": _load_mmbench, "shapes": _load_shapes,
-}
-
-
-def _with_keys(questions: list[EvalQuestion]) -> list[EvalQuestion]:
-    """Key = question_id, or question_id + core question text where the id repeats."""
-    counts = Counter(str(q.question_id) for q in questions)
-    keyed = [replace(q, key=str(q.question_id) if counts[str(q.question_id)] == 1
-                     else f"{q.question_id}#{question_core(q.benchmark, q.prompt)}") for q in questions]
-    dup = next((k for k, c in Counter(q.key for q in keyed).items() if c > 1), None)
-    if dup is not None:
-        raise AlignTIError(f"two questions share id and text ({dup!r}); the question file has duplicates")
-    return keyed
-
-
-def load_questions(benchmark: str, questions: str | Path, annotations: str | Path | None = None,
-                   image_root: str | Path | None = None) -> list[EvalQuestion]:
-    """Read a benchmark's question file (and its ground truth) into `EvalQuestion`s, in file order."""
-    if benchmark not in _LOADERS:
-        raise AlignTIError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    path = Path(questions)
-    if not path.is_file():
-        raise AlignTIError(f"question file not found: {str(path)!r}")
-    loaded = _LOADERS[benchmark](path, annotations, image_root)
-    if not loaded:
-        raise AlignTIError(f"{str(path)!r} holds no {benchmark} questions")
-    return _with_keys(loaded)
+    raise AlignTIError(f"{what} is needed to score {questions.name!r}; pass it with --annotations (looked in {looked})")
 
 
 # ---------------------------------------------------------------- answers JSONL and images
@@ -387,7 +165,7 @@ def load_answers(path: str | Path) -> list[dict]:
     """Answer records `{"question_id", "prompt", "text", "model_id", "benchmark", ...}`, one JSON
     object per line (LLaVA's answer-file shape). A final line cut short by an interrupted run is
     ignored; any other bad line is an error."""
-    records = _read_jsonl(Path(path), "answers file", cut_tail_ok=True)
+    records = read_jsonl(Path(path), "answers file", cut_tail_ok=True)
     for n, rec in enumerate(records, 1):
         if "question_id" not in rec or not isinstance(rec.get("text"), str):
             raise AlignTIError(f"answers file {str(path)!r} record {n}: needs 'question_id' and a string 'text'")

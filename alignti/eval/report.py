@@ -10,11 +10,11 @@ answer every question, or ran with `--limit`, is starred and explained under the
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from alignti.errors import AlignTIError
+from alignti.storage.files import write_json_atomic, write_text_atomic
 
 COLUMN_ORDER = ("gqa", "scienceqa", "textvqa", "pope", "mme", "mmbench", "shapes")
 LABELS = {"gqa": "GQA", "scienceqa": "SQA-IMG", "textvqa": "TextVQA", "pope": "POPE", "mme": "MME",
@@ -134,9 +134,7 @@ def build_report(dirs: Sequence[str | Path], out: str | Path) -> dict:
     md = report_markdown(report)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.md", md), ("report.json", json.dumps(report, indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_text_atomic(out / "report.md", md)
+    write_json_atomic(out / "report.json", report, indent=2)
     print(md, end="")
     return report

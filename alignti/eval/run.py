@@ -8,19 +8,19 @@ Three modes, one command:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
-from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers, load_questions
+from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
+from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.storage.files import write_json_atomic
 
 RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
 
@@ -87,14 +87,32 @@ def model_id_of(model: str) -> str:
     return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
+def check_answers_benchmark(records: list[dict], benchmark: str, path: Path) -> None:
+    """Records that name their benchmark (ours do; LLaVA's do not) must name this one."""
+    other = next((r["benchmark"] for r in records if r.get("benchmark", benchmark) != benchmark), None)
+    if other is not None:
+        raise AlignTIError(f"answers file {str(path)!r} holds {other!r} answers, not {benchmark!r}")
+
+
 def check_answers_owner(records: list[dict], benchmark: str, model_id: str, path: Path) -> None:
     """Resuming must not mix two models' (or two benchmarks') answers in one file."""
+    check_answers_benchmark(records, benchmark, path)
     for rec in records:
         if rec.get("model_id") != model_id:
             raise AlignTIError(f"answers file {str(path)!r} holds answers of model {rec.get('model_id')!r}, "
                                f"not {model_id!r}; pass another --answers or --out")
-        if rec.get("benchmark", benchmark) != benchmark:
-            raise AlignTIError(f"answers file {str(path)!r} holds {rec.get('benchmark')!r} answers, not {benchmark!r}")
+
+
+def check_answers_match(questions: list[EvalQuestion], records: list[dict], path: Path, benchmark: str) -> None:
+    """An answers file that answers none of the questions is the wrong file (another id scheme,
+    another benchmark's, empty), not a score of 0."""
+    check_answers_benchmark(records, benchmark, path)
+    if not records:
+        raise AlignTIError(f"answers file {str(path)!r} holds no answers")
+    if not match_answers(questions, records):
+        raise AlignTIError(f"answers file {str(path)!r} matches none of the {len(questions)} questions scored: "
+                           f"its question_ids look like {records[0].get('question_id')!r}, the questions' like "
+                           f"{questions[0].question_id!r} (answers of another benchmark or question file?)")
 
 
 def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
@@ -115,14 +133,6 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
     return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
@@ -141,6 +151,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
                 "n_questions": len(questions), "generated": generated}
     answers = load_answers(cfg.answers_path)
+    check_answers_match(questions, answers, cfg.answers_path, cfg.benchmark)
     result = score_benchmark(cfg.benchmark, questions, answers, cfg.scoring)
     ids = {str(r.get("model_id")) for r in answers if r.get("model_id") is not None}
     model_id = model_id_of(cfg.model) if cfg.model else (ids.pop() if len(ids) == 1 else None)
@@ -149,6 +160,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "questions_file": str(Path(cfg.questions).resolve()), "answers_file": str(cfg.answers_path.resolve()),
         "limit": cfg.limit, "generated": generated, "seconds": round(time.time() - start, 3),
     })
-    write_json(Path(cfg.out) / "scores.json", result)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
     print(scores_table(result))
     return result

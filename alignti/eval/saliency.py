@@ -18,7 +18,7 @@ from alignti.data.batching import collate, length_grouped
 from alignti.data.boxes import patch_overlap
 from alignti.data.corpus import CorpusRow, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
 from alignti.storage.schema import CacheSettings
 
 
@@ -83,7 +83,7 @@ def teacher_saliency(model, processor, data: str, image_root: str, layer: int, l
             samples.append(enc)
             rows[enc.sample_id] = row
     settings = CacheSettings(top_k=1, tpa_d=0, iva_layer=layer, iva_max_positions=1, iva_top_k=1)
-    teacher = TeacherSignals(model, settings, processor.tokenizer.pad_token_id)
+    teacher = HfTeacher(model, settings, processor.tokenizer.pad_token_id)
     items = []
     for group in length_grouped(samples, batch_size):
         for s, sig in zip(group, teacher(collate(group, processor.tokenizer.pad_token_id))):

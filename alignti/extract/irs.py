@@ -65,10 +65,10 @@ def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id
     """IRS score of every LM layer -> fp64 [L]. Samples must have images with equal n_v."""
     samples = list(samples)
     if len(samples) < 2:
-        raise AlignTIError("IRS needs at least 2 calibration samples with images")
+        raise ValueError("IRS needs at least 2 calibration samples with images")
     n_v = {s.n_v for s in samples}
     if len(n_v) != 1:
-        raise AlignTIError(f"IRS needs one vision-token count, got {sorted(n_v)}")
+        raise ValueError(f"IRS needs one vision-token count, got {sorted(n_v)}")
     layers = list(range(model.config.get_text_config().num_hidden_layers))
     alphas = []
     batches = list(length_grouped(samples, batch_size))
@@ -102,10 +102,12 @@ def plot_irs(scores: list[float], chosen: int, path: Path) -> None:
 def run_irs(cfg: IrsConfig) -> dict:
     """Score the layers, write irs.json and irs.png, return the result."""
     device = resolve_device(cfg.device)
-    model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     processor = load_processor(cfg.teacher)
     encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
     samples = calibration_samples(encoder, cfg.data, cfg.samples)
+    if len(samples) < 2:  # the corpus's fault: said before the model is loaded
+        raise AlignTIError(f"irs needs >= 2 usable samples with images in {cfg.data}, found {len(samples)}")
+    model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
     result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}

@@ -1,4 +1,4 @@
-"""IRS: how instruction-specific a layer's visual attention is (design.md section 2).
+"""IRS: how instruction-specific a layer's visual attention is (docs/method.md).
 
 IRS(l) = 1 - mean_{i != j} cos(alpha_l(x_i), alpha_l(x_j)): a layer whose instruction-to-vision
 attention looks the same for every sample (a fixed attention sink) scores near 0; a layer that

@@ -2,7 +2,7 @@
 
 Reads top to bottom as the whole run: load the teacher, resolve the IVA layer (IRS), open
 the cache for this worker, stream + encode + length-group the corpus, run each batch through
-`TeacherSignals`, write parts, print a summary.
+the teacher (`HfTeacher` or `VllmTeacher`), write parts, print a summary.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.irs_score import choose_layer
-from alignti.extract.teacher import TeacherSignals
-from alignti.extract.vllm_backend import VllmEngine, VllmSignals, check_vllm_settings  # vllm itself: lazy
+from alignti.extract.teacher import HfTeacher
+from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
 from alignti.storage.lifecycle import load_existing, local_root
@@ -38,7 +38,7 @@ from alignti.storage.writer import CacheWriter, resolve_worker
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """`alignti extract` options (defaults are design.md's)."""
+    """`alignti extract` options (defaults as in docs/method.md)."""
 
     teacher: str = field(metadata={"help": "teacher model directory"})
     data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
@@ -141,7 +141,7 @@ def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype
     cut = None
     if settings.iva_layer is not None:
         cut = load_model(cfg.teacher, device, dtype, text_layers=settings.iva_layer + 1)
-    return VllmSignals(engine, settings, cfg.image_root, image_token_id, cut)
+    return VllmTeacher(engine, settings, cfg.image_root, image_token_id, cut)
 
 
 def worker_rows(data: str, worker: int, num_workers: int, limit: int | None) -> Iterator:
@@ -199,7 +199,7 @@ def signal_backend(cfg: ExtractConfig, t: Teacher) -> Callable[[Batch], list]:
     """batch -> its samples' `SampleSignals`, from the transformers teacher or vLLM."""
     if cfg.backend == "vllm":
         return vllm_teacher(cfg, t.settings, t.device, t.dtype, t.image_token_id)
-    return TeacherSignals(t.model, t.settings, t.pad_id, cfg.chunk_size)
+    return HfTeacher(t.model, t.settings, t.pad_id, cfg.chunk_size)
 
 
 def run_extract(cfg: ExtractConfig) -> dict:

@@ -35,7 +35,10 @@ from alignti.data.corpus import load_image
 from alignti.data.encode import EncodedSample
 from alignti.errors import AlignTIError
 from alignti.extract.signals import choose_tpa_steps, propose_top
-from alignti.extract.teacher import plain_pass, salient_positions, signals_from_parts
+from alignti.extract.teacher import plain_pass, salient_positions
+from alignti.extract.teacher_output import (
+    IvaRows, ResponseRows, TeacherOutput, TpaProposals, TpaRows, attach_candidate_rows, to_sample_signals,
+)
 from alignti.storage.schema import CacheSettings, SampleSignals
 
 VLLM_DTYPES = {"auto": "auto", "fp32": "float32", "float32": "float32", "bf16": "bfloat16",
@@ -47,10 +50,10 @@ LogprobEntry = Mapping[int, Any]  # {token_id: vllm Logprob}
 def ranked_row(entry: LogprobEntry | None, k: int, where: str) -> tuple[list[int], list[float]]:
     """The k best (ids, log-probs) of one vLLM log-prob dict, by vLLM's rank (1 = most likely)."""
     if entry is None:
-        raise AlignTIError(f"vLLM returned no log-probs at {where}")
+        raise ValueError(f"vLLM returned no log-probs at {where}")
     ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= k)
     if len(ranked) < k:
-        raise AlignTIError(f"vLLM returned {len(ranked)} ranked log-probs at {where}, need {k} "
+        raise ValueError(f"vLLM returned {len(ranked)} ranked log-probs at {where}, need {k} "
                            "(set max_logprobs >= top_k)")
     return [tok for _, tok, _ in ranked[:k]], [lp for _, _, lp in ranked[:k]]
 
@@ -74,7 +77,7 @@ def token_logprob(entry: LogprobEntry, token: int, where: str) -> float:
     """log p(token) from one vLLM dict (the actual prompt token is always there)."""
     lp = entry.get(int(token))
     if lp is None:
-        raise AlignTIError(f"vLLM returned no log-prob for token {token} at {where}")
+        raise ValueError(f"vLLM returned no log-prob for token {token} at {where}")
     return float(lp.logprob)
 
 
@@ -124,14 +127,15 @@ def _prompt(ids: list[int], image: Any) -> dict:
     return {"prompt_token_ids": ids, **({"multi_modal_data": {"image": image}} if image is not None else {})}
 
 
-class VllmSignals:
-    """`SampleSignals` for batches from a vLLM engine plus, for IVA, the truncated HF teacher."""
+class VllmTeacher:
+    """The vLLM teacher: a batch -> every sample's `SampleSignals`, from a vLLM engine plus, for
+    IVA, the transformers teacher cut after the IVA layer."""
 
     def __init__(self, engine: VllmEngine, settings: CacheSettings, image_root: str, image_token_id: int,
                  saliency_model: PreTrainedModel | None = None) -> None:
         check_vllm_settings(settings.tpa_d, settings.tpa_proposal)
         if settings.iva_layer is not None and saliency_model is None:
-            raise AlignTIError("IVA with --backend vllm needs the transformers teacher cut after the IVA layer")
+            raise ValueError("IVA with the vLLM backend needs the transformers teacher cut after the IVA layer")
         self.engine, self.settings, self.image_root = engine, settings, Path(image_root)
         self.image_token_id = image_token_id
         self.saliency_model = saliency_model
@@ -146,49 +150,62 @@ class VllmSignals:
         # vLLM preprocesses the images itself from the decoded files.
         images = [load_image(self.image_root / s.image_path).image if s.image_path else None for s in batch.samples]
         n = max(st.top_k, st.iva_top_k if saliency is not None else 0)
-        rows = self.engine.prompt_rows([_prompt(s.input_ids.tolist(), im) for s, im in zip(batch.samples, images)], n)
-        parts = [self._sample(s, entries, None if saliency is None else saliency[b].float().cpu())
-                 for b, (s, entries) in enumerate(zip(batch.samples, rows))]
-        self._candidate_rows(batch.samples, images, parts)
-        return [signals_from_parts(s, p, st) for s, p in zip(batch.samples, parts)]
+        prompts = [_prompt(s.input_ids.tolist(), im) for s, im in zip(batch.samples, images)]
+        entries = self.engine.prompt_rows(prompts, n)
+        response = [self._response(s, e) for s, e in zip(batch.samples, entries)]
+        proposals = [self._proposals(s, e, r) for s, e, r in zip(batch.samples, entries, response)]
+        tpa = self._candidate_rows(batch.samples, images, response, proposals)
+        iva = [self._iva(s, e, None if saliency is None else saliency[b].float().cpu())
+               for b, (s, e) in enumerate(zip(batch.samples, entries))]
+        return [to_sample_signals(s, TeacherOutput(response=r, tpa=t, iva=v), st)
+                for s, r, t, v in zip(batch.samples, response, tpa, iva)]
 
-    def _sample(self, s: EncodedSample, entries: Sequence[LogprobEntry | None], saliency: torch.Tensor | None) -> dict:
-        """Everything read off one sample's prompt log-probs (same keys as `TeacherSignals`)."""
-        st = self.settings
+    def _response(self, s: EncodedSample, entries: Sequence[LogprobEntry | None]) -> ResponseRows:
+        """Top-k rows at the response positions, from one sample's prompt log-probs."""
         resp = s.resp_positions.cpu()
-        ids, lps = (torch.from_numpy(a) for a in prompt_logprobs_to_topk(entries, resp.tolist(), st.top_k))
-        p = {"resp": resp, "topk_ids": ids.long(), "topk_lps": lps}
-        if st.tpa_d > 0 and resp.numel():
-            targets = s.input_ids.cpu()[resp + 1]
-            target_lp = torch.tensor([token_logprob(entries[t + 1], y, f"prompt position {t + 1}")
-                                      for t, y in zip(resp.tolist(), targets.tolist())])
-            tpa_rows = choose_tpa_steps(target_lp, st.tpa_max_positions)
-            cands = propose_top(p["topk_ids"][tpa_rows], targets[tpa_rows], st.tpa_d, self.image_token_id)
-            cand_lps = torch.tensor([[token_logprob(entries[t + 1], c, f"prompt position {t + 1}") for c in row]
-                                     for t, row in zip(resp[tpa_rows].tolist(), cands.tolist())]).view(-1, st.tpa_d)
-            p.update(tpa_rows=tpa_rows, cands=cands, cand_lps=cand_lps)
-        if saliency is not None and s.n_v:
-            w = saliency[: s.n_v]
-            pos = salient_positions(w, st.iva_max_positions)
-            vids, vlps = prompt_logprobs_to_topk(entries, (s.vision_start + pos).tolist(), st.iva_top_k)
-            p.update(saliency=w, iva_pos=pos, iva_ids=torch.from_numpy(vids), iva_lps=torch.from_numpy(vlps))
-        return p
+        ids, lps = prompt_logprobs_to_topk(entries, resp.tolist(), self.settings.top_k)
+        return ResponseRows(resp, torch.from_numpy(ids).long(), torch.from_numpy(lps))
 
-    def _candidate_rows(self, samples: Sequence[EncodedSample], images: list, parts: list[dict]) -> None:
+    def _proposals(self, s: EncodedSample, entries: Sequence[LogprobEntry | None],
+                   response: ResponseRows) -> TpaProposals | None:
+        """The TPA steps and their d candidates (the teacher's top d), with their prompt log-probs."""
+        st, resp = self.settings, response.positions
+        if st.tpa_d <= 0 or not resp.numel():
+            return None
+        targets = s.input_ids.cpu()[resp + 1]
+        target_lp = torch.tensor([token_logprob(entries[t + 1], y, f"prompt position {t + 1}")
+                                  for t, y in zip(resp.tolist(), targets.tolist())])
+        rows = choose_tpa_steps(target_lp, st.tpa_max_positions)
+        cands = propose_top(response.topk_ids[rows], targets[rows], st.tpa_d, self.image_token_id)
+        cand_lps = torch.tensor([[token_logprob(entries[t + 1], c, f"prompt position {t + 1}") for c in row]
+                                 for t, row in zip(resp[rows].tolist(), cands.tolist())]).view(-1, st.tpa_d)
+        return TpaProposals(rows, cands, cand_lps)
+
+    def _iva(self, s: EncodedSample, entries: Sequence[LogprobEntry | None],
+             saliency: torch.Tensor | None) -> IvaRows | None:
+        """Saliency [n_v] and the prompt log-prob rows at the most salient vision positions."""
+        if saliency is None or not s.n_v:
+            return None
+        w = saliency[: s.n_v]
+        pos = salient_positions(w, self.settings.iva_max_positions)
+        ids, lps = prompt_logprobs_to_topk(entries, (s.vision_start + pos).tolist(), self.settings.iva_top_k)
+        return IvaRows(w, pos, torch.from_numpy(ids), torch.from_numpy(lps))
+
+    def _candidate_rows(self, samples: Sequence[EncodedSample], images: list, response: list[ResponseRows],
+                        proposals: list[TpaProposals | None]) -> list[TpaRows | None]:
         """One request per candidate: prefix y_<=t + a; its next-token top-k_t is the candidate's row."""
         st = self.settings
-        prompts, counts = [], []
-        for s, image, p in zip(samples, images, parts):
-            steps = p["resp"][p["tpa_rows"]].tolist() if "cands" in p else []
-            for step, row in zip(steps, p["cands"].tolist() if steps else []):
+        prompts = []
+        for s, image, r, p in zip(samples, images, response, proposals):
+            if p is None:
+                continue
+            for step, row in zip(p.steps(r).tolist(), p.cand_ids.tolist()):
                 prefix = s.input_ids[: step + 1].tolist()
                 prompts += [_prompt(prefix + [c], image) for c in row]
-            counts.append(len(steps))
         if not prompts:
-            return
+            empty = torch.zeros(0, st.tpa_d, st.tpa_top_k, dtype=torch.long)
+            return attach_candidate_rows(proposals, empty, empty.float())
         rows = [ranked_row(e, st.tpa_top_k, "a TPA candidate") for e in self.engine.next_rows(prompts, st.tpa_top_k)]
-        ids = torch.tensor([r[0] for r in rows]).view(-1, st.tpa_d, st.tpa_top_k)
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long).view(-1, st.tpa_d, st.tpa_top_k)
         lps = torch.tensor([r[1] for r in rows], dtype=torch.float32).view(-1, st.tpa_d, st.tpa_top_k)
-        for p, ids_b, lps_b in zip(parts, ids.split(counts), lps.split(counts)):
-            if "cands" in p:
-                p["tpa_ids"], p["tpa_lps"] = ids_b, lps_b
+        return attach_candidate_rows(proposals, ids, lps)

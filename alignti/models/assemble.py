@@ -347,5 +347,5 @@ def _join(lm: PreTrainedModel, tower: PreTrainedModel, image_token_id: int, stra
     model.generation_config = lm.generation_config
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise AlignTIError(f"internal: LLaVA parts left unset after assembly: {left[:3]}")
+        raise ValueError(f"LLaVA parts left unset after assembly: {left[:3]}")
     return model.eval()

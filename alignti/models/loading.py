@@ -69,7 +69,7 @@ def load_model(
         config = load_config(p, trust_remote_code)
         text = config.get_text_config()
         if not 1 <= text_layers <= text.num_hidden_layers:
-            raise AlignTIError(f"cannot keep {text_layers} of the model's {text.num_hidden_layers} LM layers")
+            raise ValueError(f"cannot keep {text_layers} of the model's {text.num_hidden_layers} LM layers")
         text.num_hidden_layers = text_layers
         if getattr(text, "layer_types", None) is not None:  # per-layer attention kinds must match the count
             text.layer_types = text.layer_types[:text_layers]

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignti.errors import AlignTIError
-from alignti.storage.parts import LOCK_PREFIX, fsync_path, parse_part_name, write_json_durable
+from alignti.storage.files import write_json_atomic
+from alignti.storage.parts import LOCK_PREFIX, parse_part_name
 from alignti.storage.schema import CACHE_JSON, PARTS_DIR, CacheManifest, manifest_differences
 
 SIBLING_GRACE_S = 600.0
@@ -81,19 +82,7 @@ def _create_manifest(root: Path, manifest: CacheManifest, replace: bool) -> bool
     """Write cache.json atomically; False if another process created it first (replace=False)."""
     root.mkdir(parents=True, exist_ok=True)
     stamped = dataclasses.replace(manifest, created_at=time.time())
-    tmp = root / f".{CACHE_JSON}.{os.getpid()}.tmp"
-    write_json_durable(tmp, json.dumps(stamped.to_dict(), indent=1, sort_keys=True))
-    try:
-        if replace:
-            os.replace(tmp, root / CACHE_JSON)
-        else:
-            os.link(tmp, root / CACHE_JSON)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(root)
-    return True
+    return write_json_atomic(root / CACHE_JSON, stamped.to_dict(), exclusive=not replace, indent=1, sort_keys=True)
 
 
 def _accept_sibling(existing: CacheManifest, ours: CacheManifest, root: Path, num_workers: int) -> None:
@@ -135,7 +124,7 @@ def prepare_root(root: Path, manifest: CacheManifest, *, worker: int, num_worker
                  overwrite: bool) -> None:
     """Bring `root` to a state where this worker may add parts (see module docstring)."""
     if resume and overwrite:
-        raise AlignTIError("resume and overwrite are mutually exclusive")
+        raise ValueError("resume and overwrite are mutually exclusive")
     check_root_is_ours(root)
     if overwrite:  # the old cache.json is not even parsed: it may be of another schema version
         if worker == 0:

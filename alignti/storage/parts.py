@@ -1,4 +1,4 @@
-"""Committed parts on disk: naming, part.json, durable writes, per-worker locks.
+"""Committed parts on disk: naming, part.json, sealing (fsync + checksums), per-worker locks.
 
 A part `parts/w<worker>-<n>/` is written under `parts/.tmp-w<worker>-<n>-<pid>/`, every file is
 fsynced, `part.json` (file sizes + sha256, manifest identity hash, row counts) is written last,
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from alignti.errors import AlignTIError
+from alignti.storage.files import fsync_path, write_json_atomic
 from alignti.storage.schema import PART_JSON, SCHEMA_VERSION
 
 PART_RE = re.compile(r"^w(\d{4,})-(\d{6,})$")
@@ -65,11 +66,11 @@ class PartInfo:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise AlignTIError(f"part {name}: part.json is malformed ({type(e).__name__}: {e})") from None
 
-    def to_json(self) -> str:
-        return json.dumps({"schema_version": SCHEMA_VERSION, "name": self.name, "worker": self.worker,
-                           "num_samples": self.num_samples, "num_rejects": self.num_rejects,
-                           "manifest_hash": self.manifest_hash, "committed_at": self.committed_at,
-                           "rows": self.rows, "files": self.files}, indent=1, sort_keys=True)
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "name": self.name, "worker": self.worker,
+                "num_samples": self.num_samples, "num_rejects": self.num_rejects,
+                "manifest_hash": self.manifest_hash, "committed_at": self.committed_at,
+                "rows": self.rows, "files": self.files}
 
     def file_bytes(self) -> int:
         return sum(f["size"] for f in self.files.values())
@@ -78,15 +79,6 @@ class PartInfo:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories: so renames and new entries are durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seal_one(p: Path) -> dict[str, Any] | None:
@@ -109,17 +101,9 @@ def seal_dir(root: Path) -> dict[str, dict[str, Any]]:
     return {p.relative_to(root).as_posix(): info for p, info in zip(paths, infos) if info is not None}
 
 
-def write_json_durable(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def publish_part(tmp: Path, final: Path, info: PartInfo) -> None:
-    """Write part.json into `tmp`, fsync, and atomically rename it to `final`."""
-    write_json_durable(tmp / PART_JSON, info.to_json())
-    fsync_path(tmp)
+    """Write part.json into `tmp` (durably: that fsyncs `tmp` too), then atomically rename it to `final`."""
+    write_json_atomic(tmp / PART_JSON, info.to_dict(), indent=1, sort_keys=True)
     os.rename(tmp, final)
     fsync_path(final.parent)
 

@@ -164,15 +164,12 @@ class CacheReader:
                 out[pos] = placed[j]
         return out  # type: ignore[return-value]
 
-    def get_by_ids(self, sample_ids: Sequence[str]) -> list[SampleSignals]:
-        return self.get_batch(self.index_of(sample_ids))
-
     def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
                      drop_last: bool = False) -> Iterator[list[SampleSignals]]:
         """Batches over the whole cache; the order depends only on (len, seed), so `start_batch`
         resumes a run at the same place."""
         if batch_size < 1:
-            raise AlignTIError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         n_batches = len(self) // batch_size if drop_last else -(-len(self) // batch_size)
         for b in range(start_batch, n_batches):
@@ -262,7 +259,7 @@ class CacheReader:
         teacher = self.manifest.teacher_fingerprint
         for key in STUDENT_COMPAT_KEYS:
             if key not in fingerprint:
-                raise AlignTIError(f"student fingerprint has no {key!r}; cannot check it against the cache")
+                raise ValueError(f"student fingerprint has no {key!r}; cannot check it against the cache")
             if str(fingerprint[key]) != str(teacher[key]):
                 raise AlignTIError(f"student {key} ({str(fingerprint[key])[:12]}) differs from the cache teacher's "
                                    f"({str(teacher[key])[:12]}): cached token ids would not line up; use a student "

@@ -70,51 +70,6 @@ class SampleSignals:
         return int(self.resp_positions.shape[0])
 
 
-@dataclass(frozen=True, eq=False)
-class SignalBatch:
-    """A batch of samples (as the reader returns them) plus concatenated views for the losses.
-
-    `concat("topk_ids")` is [sum N_r, k]; `offsets("topk_ids")` is int64 [B+1] so that sample b
-    owns rows offsets[b]:offsets[b+1]. Works for every array field of SampleSignals.
-    """
-
-    samples: tuple[SampleSignals, ...]
-
-    @classmethod
-    def of(cls, samples: list[SampleSignals] | tuple[SampleSignals, ...]) -> SignalBatch:
-        return cls(tuple(samples))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __iter__(self):  # noqa: ANN204 - iterator of SampleSignals
-        return iter(self.samples)
-
-    def __getitem__(self, i: int) -> SampleSignals:
-        return self.samples[i]
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return [s.sample_id for s in self.samples]
-
-    @property
-    def num_response_tokens(self) -> int:
-        return sum(s.num_response_tokens for s in self.samples)
-
-    def offsets(self, name: str) -> np.ndarray:
-        """int64 [B+1] row offsets of field `name` in `concat(name)`."""
-        counts = [getattr(s, name).shape[0] for s in self.samples]
-        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-
-    def concat(self, name: str) -> np.ndarray:
-        """Field `name` of every sample concatenated along axis 0."""
-        spec = SAMPLE_ARRAYS[name]
-        parts = [getattr(s, name) for s in self.samples]
-        if not parts:
-            return np.zeros((0,), dtype=spec.dtype)
-        return np.concatenate(parts, axis=0)
-
-
 @dataclass(frozen=True)
 class CacheSettings:
     """Extraction settings recorded in cache.json (resume refuses to mix different settings)."""
@@ -200,7 +155,10 @@ class CacheManifest:
                     dict(d.get("extra", {})))
         except (TypeError, ValueError, AttributeError) as e:
             raise AlignTIError(f"{where} is malformed ({type(e).__name__}: {e})") from None
-        check_fingerprint(m.teacher_fingerprint, f"{where} teacher_fingerprint")
+        try:
+            check_fingerprint(m.teacher_fingerprint, f"{where} teacher_fingerprint")
+        except ValueError as e:
+            raise AlignTIError(str(e)) from None
         if m.encoding != DEFAULT_ENCODING:
             raise AlignTIError(f"{where} uses encoding {m.encoding}; this alignti reads {DEFAULT_ENCODING}")
         return m
@@ -211,13 +169,13 @@ DEFAULT_ENCODING: dict[str, Any] = {"logprob_step": LOGPROB_STEP, "logprob_code_
 
 
 def check_fingerprint(fp: dict[str, Any], what: str = "teacher fingerprint") -> None:
-    """Raise AlignTIError unless `fp` has every FINGERPRINT_KEYS key with a str/int value."""
+    """ValueError unless `fp` has every FINGERPRINT_KEYS key with a str/int value."""
     missing = [k for k in FINGERPRINT_KEYS if k not in fp]
     if missing:
-        raise AlignTIError(f"{what} is missing {missing}")
+        raise ValueError(f"{what} is missing {missing}")
     bad = [k for k, v in fp.items() if not isinstance(v, (str, int)) or isinstance(v, bool)]
     if bad:
-        raise AlignTIError(f"{what} has non str/int values for {bad}")
+        raise ValueError(f"{what} has non str/int values for {bad}")
 
 
 def manifest_differences(a: CacheManifest, b: CacheManifest) -> list[str]:

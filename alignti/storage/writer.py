@@ -46,7 +46,7 @@ _REASON_RE = re.compile(r"^[a-z0-9_]+$")
 def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, int]:
     """Explicit (worker, num_workers), else RANK/WORLD_SIZE (torchrun, accelerate), else (0, 1)."""
     if (worker is None) != (num_workers is None):
-        raise AlignTIError("give both worker and num_workers, or neither (then RANK/WORLD_SIZE are used)")
+        raise ValueError("give both worker and num_workers, or neither (then RANK/WORLD_SIZE are used)")
     if worker is None:
         try:
             worker, num_workers = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,12 +104,14 @@ class CacheWriter:
         """Open (create, resume or overwrite) the cache at local `path` for one worker.
 
         AlignTIError (nothing touched) if the cache exists without resume/overwrite, if resume finds
-        other teacher/settings, or if another live process holds this worker index.
+        other teacher/settings, or if another live process holds this worker index; ValueError for
+        arguments the caller should have checked (part_size, resume with overwrite, an incomplete
+        teacher fingerprint).
         """
         if part_size < 1:
-            raise AlignTIError(f"part_size must be >= 1, got {part_size}")
+            raise ValueError(f"part_size must be >= 1, got {part_size}")
         if resume and overwrite:
-            raise AlignTIError("resume and overwrite are mutually exclusive")
+            raise ValueError("resume and overwrite are mutually exclusive")
         check_fingerprint(manifest.teacher_fingerprint)
         worker, num_workers = resolve_worker(worker, num_workers)
         root = local_root(path)
@@ -222,7 +224,7 @@ class CacheWriter:
 
     def _check_open(self) -> None:
         if self._lock is None:
-            raise AlignTIError("this CacheWriter is closed")
+            raise ValueError("this CacheWriter is closed")
 
     def __enter__(self) -> CacheWriter:
         return self

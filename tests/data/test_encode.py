@@ -57,6 +57,20 @@ def test_single_turn_labels_vision_instruction(processor, root):
     assert (s.text_ids == img_id).sum() == 1 and s.text_ids.dtype == np.int32
 
 
+def test_instruction_keeps_a_first_word_with_a_leading_space(processor, root):
+    """Tokens overlapping the user text are instruction tokens: ' is' (its space outside the stripped
+    text) counts; the newline after <image>, whitespace alone, does not."""
+    enc = SampleEncoder(processor, str(root), 512)
+    tok = processor.tokenizer
+    for text, want in (("<image> is there a red circle?", "is there a red circle?"),
+                       ("<image>\nWhat colour is the circle?", "What colour is the circle?"),
+                       ("What colour is it? <image>", "What colour is it?")):
+        s = enc.encode(row([("human", text), ("gpt", "yes")]))
+        pieces = [tok.decode(s.input_ids[p:p + 1]) for p in s.instruction_positions]
+        assert "".join(pieces).strip() == want, pieces
+        assert pieces[0].strip() and pieces[-1].strip(), pieces  # no whitespace-only token at either end
+
+
 def test_multi_turn_and_system(processor, root):
     enc = SampleEncoder(processor, str(root), 512)
     r = row([("system", "Be brief."), ("human", "<image>\nIs there a green triangle?"), ("gpt", "yes"),

@@ -1,5 +1,5 @@
 """Offline equals online: loss terms from the written-and-read cache equal those from the teacher's
-in-memory `TeacherSignals` output, ids exactly and losses within the storage rounding.
+in-memory `HfTeacher` output, ids exactly and losses within the storage rounding.
 
 The world (tokenizer, teacher, student, shapes corpus, cache) is `worlds.SignalWorld`.
 """

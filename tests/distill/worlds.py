@@ -30,7 +30,7 @@ from alignti.cliargs import build, to_argv
 from alignti.distill.config import DistillConfig, LossConfig
 from alignti.distill.objective import Objective, probe_layers
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer
@@ -76,7 +76,7 @@ class SignalWorld:
     data: str
     image_root: str
     cache: str
-    signals: list[SampleSignals]  # in memory, straight from TeacherSignals
+    signals: list[SampleSignals]  # in memory, straight from HfTeacher
 
     @property
     def pad_id(self) -> int:
@@ -91,7 +91,7 @@ class SignalWorld:
 
 
 def make_signal_world(tmp: Path, settings: CacheSettings = SETTINGS, n: int = 6) -> SignalWorld:
-    """Tiny teacher -> TeacherSignals over a shapes corpus -> CacheWriter; plus a student."""
+    """Tiny teacher -> HfTeacher over a shapes corpus -> CacheWriter; plus a student."""
     teacher, processor = build_tiny_llava(TinySpec(), tokenizer())
     sharpen(teacher, 4.0)
     teacher_dir = save_model_dir(teacher, processor, tmp / "teacher")
@@ -100,7 +100,7 @@ def make_signal_world(tmp: Path, settings: CacheSettings = SETTINGS, n: int = 6)
     encoder = SampleEncoder(processor, str(tmp / "shapes"), 512)
     samples = [encoder.encode(r) for r in read_corpus(data)]
     pad = tokenizer().pad_token_id
-    signals = TeacherSignals(teacher, settings, pad, chunk_size=5)(collate(samples, pad))
+    signals = HfTeacher(teacher, settings, pad, chunk_size=5)(collate(samples, pad))
     manifest = CacheManifest.create(fingerprint_model_dir(teacher_dir), settings,
                                     extra={"data": data, "image_root": str(tmp / "shapes")})
     with CacheWriter.open(tmp / "cache", manifest, part_size=4) as writer:  # two parts

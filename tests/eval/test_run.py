@@ -5,6 +5,8 @@ import base64
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -13,7 +15,8 @@ import alignti.eval.generate as generate_mod
 import alignti.eval.run as run_mod
 from alignti.cliargs import build, read_run_file
 from alignti.errors import AlignTIError
-from alignti.eval.formats import BENCHMARKS, SHORT_ANSWER, load_questions
+from alignti.eval.formats import BENCHMARKS, SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.run import EvalConfig, run_eval
 
 ANSWER_FIELDS = {"question_id", "prompt", "text", "model_id", "benchmark"}
@@ -250,6 +253,32 @@ def test_scoring_only_needs_no_model(tmp_path, monkeypatch):
     res = run_eval(EvalConfig(out=str(tmp_path / "out2"), benchmark="gqa", questions=str(qfile),
                               answers=str(answers), scoring="lmms-eval"))
     assert res["score"] == pytest.approx(200 / 3) and res["scoring"] == "lmms-eval"
+
+
+@pytest.mark.parametrize("records", [
+    [],                                                                    # empty
+    [{"question_id": "n1.jpg", "text": "yes"}, {"question_id": 7, "text": "no"}],  # another id scheme
+    [{"question_id": "201", "text": "yes", "benchmark": "pope"}],         # another benchmark's answers
+])
+def test_answers_matching_no_question_are_refused(tmp_path, records):
+    qfile, _ = _gqa(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    _jsonl(answers, records)
+    with pytest.raises(AlignTIError, match="answers file .*(holds no answers|matches none of the 3 questions|"
+                                           "holds 'pope' answers)"):
+        run_eval(EvalConfig(out=str(tmp_path / "out"), benchmark="gqa", questions=str(qfile), answers=str(answers)))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_score_only_errors_are_one_line_exit_2(tmp_path):
+    qfile, _ = _gqa(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(b'{"question_id": "201", "text": "\xff"}\n')  # not UTF-8
+    res = subprocess.run([sys.executable, "-c", "from alignti.cli import main; main()", "eval", "--benchmark", "gqa",
+                          "--questions", str(qfile), "--answers", str(answers), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "is not UTF-8 text" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_errors(tmp_path, tiny_model_dir):

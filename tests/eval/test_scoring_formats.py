@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from alignti.errors import AlignTIError
-from alignti.eval.formats import EvalQuestion, load_answers, load_questions, open_image, with_suffix
+from alignti.eval.formats import EvalQuestion, load_answers, open_image, with_suffix
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import match_answers, score_benchmark, score_gqa
 from alignti.eval.scoring.matching import align
 
@@ -31,6 +32,15 @@ def test_load_answers_rejects_bad_lines(tmp_path, body, msg):
     path.write_text(body)
     with pytest.raises(AlignTIError, match=msg):
         load_answers(path)
+
+
+def test_load_answers_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes('{"question_id": 1, "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(AlignTIError, match=r"answers file .* is not UTF-8 text \(byte 0xe9 at offset 31\)"):
+        load_answers(path)
+    with pytest.raises(AlignTIError, match="cannot be read"):
+        load_answers(tmp_path)  # a directory
 
 
 def test_matching_counts_missing_strays_and_repeats():
@@ -59,7 +69,7 @@ def test_unknown_mode_and_benchmark():
 def test_missing_ground_truth_is_a_clear_error(tmp_path):
     qfile = tmp_path / "llava_gqa_testdev_balanced.jsonl"
     qfile.write_text(json.dumps({"question_id": "1", "image": "a.jpg", "text": "Q?"}) + "\n")
-    with pytest.raises(AlignTIError, match="testdev_balanced_questions.json"):
+    with pytest.raises(AlignTIError, match=r"questions.json\) is needed .*; pass it with --annotations"):
         load_questions("gqa", qfile)
     with pytest.raises(AlignTIError, match="question file not found"):
         load_questions("gqa", tmp_path / "nope.jsonl")

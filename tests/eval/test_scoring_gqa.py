@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from alignti.eval.formats import SHORT_ANSWER, load_questions
+from alignti.eval.formats import SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_gqa
 
 GOLD = {  # qid: (answer, structural type)
@@ -17,7 +18,7 @@ OUTPUTS = {"201": "Yes.", "202": "The table", "203": "tshirt", "204": " left", "
 def _files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    ann = {qid: {"answer": a, "question": "q", "imageId": "n1", "isBalanced": True,
+    ann = {qid: {"answer": a, "question": f"Question {qid}?", "imageId": "n1", "isBalanced": True,
                  "types": {"structural": s, "semantic": "attr", "detailed": "x"}} for qid, (a, s) in GOLD.items()}
     (data / "testdev_balanced_questions.json").write_text(json.dumps(ann))
     qfile = tmp_path / "llava_gqa_testdev_balanced.jsonl"
@@ -51,3 +52,13 @@ def test_lmms_eval_rule(tmp_path):
     # strip, lower, drop punctuation on both sides: "yes" ok, "the table" no (articles stay),
     # "tshirt" == "tshirt" ok, "left" ok, "no" ok, "yes" ok -> 5 / 6
     assert res["score"] == pytest.approx(100 * 5 / 6)
+
+
+def test_gqa_own_questions_file_is_a_question_file(tmp_path):
+    # testdev_balanced_questions.json holds question, image and answer: LLaVA's jsonl is not needed.
+    llava = load_questions("gqa", _files(tmp_path))
+    own = load_questions("gqa", tmp_path / "data" / "testdev_balanced_questions.json")
+    assert own == llava  # same ids, keys, prompts and images (n1 -> n1.jpg)
+    assert [(q.answer, q.meta) for q in own] == [(q.answer, q.meta) for q in llava]
+    answers = [{"question_id": k, "text": v} for k, v in OUTPUTS.items()]
+    assert score_gqa(own, answers)["score"] == score_gqa(llava, answers)["score"]

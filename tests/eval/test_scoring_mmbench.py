@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from alignti.errors import AlignTIError
-from alignti.eval.formats import LETTER_ANSWER, load_questions, open_image
+from alignti.eval.formats import LETTER_ANSWER, open_image
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_mmbench
 from alignti.eval.scoring.mmbench import mmbench_parse
 
@@ -19,12 +20,19 @@ OPTS = {"A": "cat", "B": "dog", "C": "red car", "D": "fish"}
 @pytest.mark.parametrize("text, llava, lmms", [
     ("B", "B", "B"), ("B.", "B", "B"), ("(B)", "B", "B"), ("B. dog", "B", "B"),
     ("The answer is B.", "B", "B"),
-    ("[B]", "B", None),                 # lmms-eval has no [X] form and "[b]" names no option text
+    ("[B]", "B", "B"),                  # lmms-eval: no [X] form, no option text; its fallback finds "B"
     ("B, C", None, "C"),                # two letters for VLMEvalKit; lmms-eval sees one bare "C"
     ("A dog is on the grass", "A", "B"),  # lmms-eval reads "A" as an article, then matches "dog"
     ("It is a red car", "C", "C"),      # no letter: the option text decides
-    ("Cannot determine the answer", "Z", None),  # VLMEvalKit's reject answer "Z" is never right
-    ("cat or dog", None, None),         # two option texts -> unparseable (MMBench would ask GPT)
+    ("Cannot determine the answer", "Z", "C"),  # VLMEvalKit: reject "Z"; lmms-eval's fallback: any "C"
+    ("cat or dog", None, None),         # two option texts and no capital letter: unparseable
+    # lmms-eval's fallback for what can_infer leaves (extract_mcq_answer), in its priority order:
+    ("Answer:B", "B", "B"),             # VLMEvalKit splits at ":"; lmms-eval: a letter ending the output
+    ("I think it's B. Actually, it's C.", None, "C"),  # ending the output beats "X."
+    ("Option B is wrong, so my answer is D then", None, "D"),  # after "answer is" beats a bare "B"
+    ("(B) or (C)", None, "C"),          # the same form twice: the later one wins
+    ("Dunno", None, "D"),               # nothing else: the last option letter anywhere
+    ("Failed to obtain answer via API", None, "A"),  # only its option stage skips this phrase
 ])
 def test_parse(text, llava, lmms):
     assert mmbench_parse(text, dict(OPTS), "llava") == llava
@@ -97,11 +105,12 @@ def test_circular_llava(tmp_path):
 
 def test_circular_lmms_eval(tmp_path):
     res = score_mmbench(load_questions("mmbench", _tsv(tmp_path)), _answers(), "lmms-eval")
-    # groups: 0 right; 1 row 1 "[A]" unparsed; 2 "C" right; 3 unparsed -> 2 of 4
-    assert res["score"] == pytest.approx(50)
-    assert res["vanilla_accuracy"] == pytest.approx(50)  # main rows: right, unparsed, right, unparsed
-    assert res["per_category"] == pytest.approx({"action": 0, "attribute": 100})
-    assert res["unparsed"] == 2
+    # mmbench_en_dev_static. groups: 0 right; 1 right (row 1 "[A]": A only through the fallback);
+    # 2 "C" right; 3 the fallback reads "Cannot ..." as C (wrong) -> 3 of 4
+    assert res["score"] == pytest.approx(75)
+    assert res["vanilla_accuracy"] == pytest.approx(75)  # main rows: right, right, right, wrong
+    assert res["per_category"] == pytest.approx({"action": 50, "attribute": 100})
+    assert res["unparsed"] == 0
 
 
 def test_llava_all_rounds_extra_rounds_are_ignored(tmp_path):

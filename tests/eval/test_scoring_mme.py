@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from alignti.eval.formats import SHORT_ANSWER, load_questions
+from alignti.eval.formats import SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_mme
 from alignti.eval.scoring.mme import mme_parse
 

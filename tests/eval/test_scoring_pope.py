@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from alignti.eval.formats import SHORT_ANSWER, load_questions
+from alignti.eval.formats import SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_pope
 
 # (split, image, object, label, model output)
@@ -69,3 +70,17 @@ def test_lmms_eval_rule(tmp_path):
     # pooled: TP2 (adv) FP1 (adv "Yes") FN0 -> P 2/3, R 1, F1 0.8; correct 1 + 3 of 8
     assert res["all"]["f1"] == pytest.approx(80) and res["all"]["accuracy"] == pytest.approx(50)
     assert res["score"] == pytest.approx(80)  # lmms-eval's `pope` task: pooled F1
+
+
+def test_coco_pope_file_is_a_question_file(tmp_path):
+    # coco_pope_<split>.json holds question, image and label: LLaVA's jsonl is not needed.
+    _files(tmp_path)
+    questions = load_questions("pope", tmp_path / "coco" / "coco_pope_random.json")
+    assert [(q.question_id, q.image, q.answer, q.meta["split"]) for q in questions] == [
+        (4, "i2.jpg", "no", "random"), (3, "i2.jpg", "no", "random"), (2, "i1.jpg", "yes", "random"),
+        (1, "i1.jpg", "yes", "random")]  # the file's own ids and order (written reversed above)
+    assert questions[0].prompt == f"Is there a bus in the image?\n{SHORT_ANSWER}"
+    outputs = {c[2]: c[4] for c in CASES}  # object -> model output
+    answers = [{"question_id": q.question_id, "text": outputs[q.prompt.split()[3]]} for q in questions]
+    r = score_pope(questions, answers, "llava")
+    assert r["splits"]["random"]["f1"] == pytest.approx(50) and r["score"] == pytest.approx(50)

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from alignti.eval.formats import LETTER_ANSWER, load_questions
+from alignti.eval.formats import LETTER_ANSWER
+from alignti.errors import AlignTIError
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_scienceqa
 from alignti.eval.scoring.scienceqa import sqa_correct, sqa_parse
 
@@ -32,8 +34,11 @@ def test_llava_parse(text, n, idx):
 
 
 @pytest.mark.parametrize("text, ok", [("B", True), ("B.", True), ("B. dog", True), (" B ", True),
-                                      ("The answer is B.", False), ("(B)", False), ("A.", False)])
+                                      ("b", True), (" b\n", True),  # the whole output is compared lower-cased
+                                      ("b.", False), ("b. dog", False),  # "X." needs an upper-case X
+                                      ("The answer is B.", False), ("(B)", False), ("A.", False), ("a", False)])
 def test_lmms_eval_rule(text, ok):
+    # lmms-eval tasks/scienceqa/utils.py sqa_process_results
     assert sqa_correct(text, 1, 3, "lmms-eval") is ok
 
 
@@ -81,3 +86,22 @@ def test_score_lmms_eval(tmp_path):
     assert res["score"] == pytest.approx(75)
     assert res["accuracy_all"] == pytest.approx(80)  # + "A. m" ok -> 4/5
     assert res["per_subject_image"] == pytest.approx({"natural science": 50, "social science": 100})
+
+
+def test_problems_json_is_a_question_file(tmp_path):
+    # problems.json + pid_splits.json hold everything: LLaVA's llava_test_CQM-A.json is not needed.
+    qfile, answers = _files(tmp_path)
+    llava, own = load_questions("scienceqa", qfile), load_questions("scienceqa", tmp_path / "problems.json")
+    assert [(q.key, q.image, q.answer, q.meta) for q in own] == [(q.key, q.image, q.answer, q.meta) for q in llava]
+    # The prompt as lmms-eval's scienceqa task (and LLaVA-1.5's converted file) writes it.
+    assert own[0].prompt == f"Q1\nA. cat\nB. dog\nC. bird\n{LETTER_ANSWER}"
+    for scoring in ("llava", "lmms-eval"):
+        assert score_scienceqa(own, answers, scoring) == score_scienceqa(llava, answers, scoring)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    problems["1"]["hint"] = "Look at the map."
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    first = load_questions("scienceqa", tmp_path / "problems.json")[0]
+    assert first.prompt.startswith("Context: Look at the map.\nQ1\n")
+    (tmp_path / "pid_splits.json").unlink()  # without it the train split would be scored too
+    with pytest.raises(AlignTIError, match="pid_splits.json"):
+        load_questions("scienceqa", tmp_path / "problems.json")

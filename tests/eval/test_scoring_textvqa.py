@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from alignti.eval.formats import SHORT_ANSWER, load_questions
+from alignti.eval.formats import SHORT_ANSWER
+from alignti.eval.questions import load_questions
 from alignti.eval.scoring import score_textvqa
 from alignti.eval.scoring.vqa import normalize_vqa_answer, vqa_accuracy
 

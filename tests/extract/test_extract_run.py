@@ -5,18 +5,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.errors import AlignTIError
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
-from alignti.models.tokenizer import train_tokenizer
+from alignti.models.tiny import save_model_dir
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP
+from tests.helpers.models import shapes_teacher
 
 CLI = [sys.executable, "-c", "from alignti.cli import main; main()"]
 
@@ -24,12 +22,9 @@ CLI = [sys.executable, "-c", "from alignti.cli import main; main()"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract")
-    shapes = root / "shapes"
-    run_shapes(ShapesConfig(out=str(shapes), n=40, seed=1))
-    rows = json.loads((shapes / "train.json").read_text())
-    texts = [t["value"] for r in rows for t in r["conversations"]]
-    model, processor = build_tiny_llava(TinySpec(layers=3), train_tokenizer(texts, vocab_size=200))
+    model, processor, shapes = shapes_teacher(root, n=40, seed=1)
     teacher = save_model_dir(model, processor, root / "teacher")
+    rows = json.loads((shapes / "train.json").read_text())
     (shapes / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     q = lambda img, convs: {"id": f"bad-{len(bad)}", "image": img,  # noqa: E731
                             "conversations": [{"from": f, "value": v} for f, v in convs]}

@@ -8,25 +8,23 @@ import torch
 
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
-from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.cliargs import build, read_run_file
+from alignti.errors import AlignTIError
 from alignti.extract.irs import IrsConfig, compute_irs, run_irs
 from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
-from alignti.models.tokenizer import train_tokenizer
+from alignti.models.tiny import save_model_dir
+from tests.helpers.models import shapes_teacher
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("irs")
-    run_shapes(ShapesConfig(out=str(root / "shapes"), n=12, seed=2))
-    texts = [t["value"] for r in json.loads((root / "shapes" / "train.json").read_text()) for t in r["conversations"]]
-    model, processor = build_tiny_llava(TinySpec(layers=3), train_tokenizer(texts, vocab_size=200))
+    model, processor, shapes = shapes_teacher(root, n=12, seed=2)
     with torch.no_grad():  # sharper than a fresh init, so layers differ
         for p in model.parameters():
             p.mul_(4.0)
-    return save_model_dir(model, processor, root / "teacher"), root / "shapes"
+    return save_model_dir(model, processor, root / "teacher"), shapes
 
 
 def test_irs_equals_direct_computation_from_eager_attentions(world):
@@ -63,3 +61,15 @@ def test_irs_command_writes_scores_and_plot(world, tmp_path):
     assert saved["layer"] == max(range(3), key=lambda i: saved["scores"][i])
     assert out.with_suffix(".png").stat().st_size > 0
     assert build(IrsConfig, read_run_file(out.with_suffix(".yaml"))) == cfg  # `alignti irs --config irs.yaml`
+
+
+def test_irs_command_needs_two_usable_samples(world, tmp_path, monkeypatch):
+    """Too few calibration samples is the corpus's fault: one line, before the model is loaded."""
+    import alignti.extract.irs as irs
+
+    teacher, shapes = world
+    monkeypatch.setattr(irs, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(AlignTIError, match="2 usable samples"):
+        run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
+                          out=str(tmp_path / "irs.json"), samples=1))
+    assert not (tmp_path / "irs.json").exists()

@@ -6,7 +6,7 @@ vision tokens in proportion to how *red* their patch is: the vision tower passes
 dimension, and q/k of layer 0 pair a constant text dimension with that one, on the slowest RoPE
 frequency so position barely matters. Images hold one red square (the queried object) and a blue
 circle at asymmetric places, so a transposed or shifted vision grid, a wrong probe row, or a wrong
-box mapping would put the mass elsewhere. The saliency comes from `TeacherSignals` (the extraction
+box mapping would put the mass elsewhere. The saliency comes from `HfTeacher` (the extraction
 code) and the measure from `box_mass` (the demo's report).
 """
 
@@ -19,7 +19,7 @@ from alignti.data.batching import collate
 from alignti.data.corpus import parse_row
 from alignti.data.encode import SampleEncoder
 from alignti.eval.saliency import box_mass
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
 from alignti.models.tiny import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.schema import CacheSettings
@@ -88,7 +88,7 @@ def test_saliency_mass_is_on_the_queried_object(tmp_path, red_cell, blue_cell):
         "s")
     sample = SampleEncoder(processor, str(tmp_path), 256).encode(row)
     settings = CacheSettings(top_k=4, tpa_d=0, iva_layer=0, iva_max_positions=2, iva_top_k=2)
-    sig = TeacherSignals(model, settings, processor.tokenizer.pad_token_id)(collate([sample], 0))[0]
+    sig = HfTeacher(model, settings, processor.tokenizer.pad_token_id)(collate([sample], 0))[0]
     mass, share = box_mass(sig.saliency, (SIDE, SIDE), box)
     assert share == pytest.approx(1 / 16)
     assert mass > 0.9, (mass, np.round(sig.saliency.reshape(4, 4), 3))

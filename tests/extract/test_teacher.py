@@ -7,10 +7,12 @@ from alignti.data.batching import collate
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.extract.teacher import TeacherSignals
+from alignti.extract.teacher import HfTeacher
+from alignti.extract.teacher_output import ResponseRows, TeacherOutput, to_sample_signals
 from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
 from alignti.storage.schema import CacheSettings
+from alignti.storage.validation import validate_sample
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_signals_equal_brute_force(setup, proposal):
     settings = CacheSettings(top_k=8, tpa_d=3, tpa_top_k=5, tpa_proposal=proposal, iva_layer=1,
                              iva_max_positions=6, iva_top_k=4)
     pad = processor.tokenizer.pad_token_id
-    out = TeacherSignals(model, settings, pad, chunk_size=7)(collate(samples, pad))
+    out = HfTeacher(model, settings, pad, chunk_size=7)(collate(samples, pad))
     for s, sig in zip(samples, out):
         with torch.no_grad():
             ref = torch.log_softmax(model(input_ids=s.input_ids[None], pixel_values=s.pixel_values)
@@ -75,7 +77,7 @@ def test_saliency_equals_eager_attentions(setup):
     model, processor, samples = setup
     settings = CacheSettings(top_k=4, tpa_d=0, iva_layer=1, iva_max_positions=4, iva_top_k=2)
     pad = processor.tokenizer.pad_token_id
-    out = TeacherSignals(model, settings, pad)(collate(samples, pad))
+    out = HfTeacher(model, settings, pad)(collate(samples, pad))
     model.set_attn_implementation({"text_config": "eager"})
     try:
         queries, keys = probe_targets(tuple(samples), samples[0].n_v)
@@ -88,3 +90,20 @@ def test_saliency_equals_eager_attentions(setup):
             assert sig.tpa_cand_ids.shape == (0, 0)
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def test_absent_signals_are_explicit_and_written_as_empty_arrays(setup):
+    """A backend states "no TPA / no IVA" as None (leaving a field out is a TypeError); the
+    conversion gives the schema's empty shapes, which the writer's validation accepts."""
+    _, _, samples = setup
+    settings = CacheSettings(top_k=4, tpa_d=3, tpa_top_k=5, iva_layer=1, iva_top_k=2)
+    s = samples[0]
+    n_r = s.resp_positions.numel()
+    response = ResponseRows(s.resp_positions, torch.arange(4).repeat(n_r, 1), torch.full((n_r, 4), -1.0))
+    with pytest.raises(TypeError):
+        TeacherOutput(response)
+    sig = validate_sample(to_sample_signals(s, TeacherOutput(response, tpa=None, iva=None), settings), settings)
+    assert sig.topk_ids.shape == (n_r, 4) and sig.resp_positions.tolist() == s.resp_positions.tolist()
+    assert sig.tpa_rows.shape == (0,) and sig.tpa_cand_ids.shape == sig.tpa_cand_logprobs.shape == (0, 3)
+    assert sig.tpa_topk_ids.shape == sig.tpa_topk_logprobs.shape == (0, 3, 5)
+    assert sig.saliency.shape == sig.iva_positions.shape == (0,) and sig.iva_topk_ids.shape == (0, 2)

@@ -1,23 +1,19 @@
 """`extract --backend vllm` end to end with a fake engine that implements vLLM's documented
 interface from the same transformers teacher: the cache must equal the hf backend's."""
 
-import json
-
 import numpy as np
 import pytest
 
-from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.errors import AlignTIError
 from alignti.extract import vllm_backend
 from alignti.extract.run import ExtractConfig, run_extract, vllm_teacher
 from alignti.extract.vllm_backend import VllmEngine
 from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
-from alignti.models.tokenizer import train_tokenizer
+from alignti.models.tiny import save_model_dir
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP, CacheSettings
 from tests.extract.fake_vllm import FakeLLM, SamplingParams
-from tests.extract.tiny_models import sharpen
+from tests.helpers.models import shapes_teacher, sharpen
 
 EXACT = ("resp_positions", "topk_ids", "tpa_rows", "tpa_cand_ids", "tpa_topk_ids", "iva_positions", "iva_topk_ids")
 LOGPROBS = ("topk_logprobs", "tpa_cand_logprobs", "tpa_topk_logprobs", "iva_topk_logprobs")
@@ -26,10 +22,7 @@ LOGPROBS = ("topk_logprobs", "tpa_cand_logprobs", "tpa_topk_logprobs", "iva_topk
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    shapes = root / "shapes"
-    run_shapes(ShapesConfig(out=str(shapes), n=20, seed=3))
-    texts = [t["value"] for r in json.loads((shapes / "train.json").read_text()) for t in r["conversations"]]
-    model, processor = build_tiny_llava(TinySpec(layers=3), train_tokenizer(texts, vocab_size=200))
+    model, processor, shapes = shapes_teacher(root, n=20, seed=3)
     teacher = save_model_dir(sharpen(model), processor, root / "teacher")  # peaked: no near-ties in the top-k
     return root, teacher, shapes
 

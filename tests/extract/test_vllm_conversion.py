@@ -28,9 +28,9 @@ def test_rows_follow_rank_and_drop_actual_token_outside_topk():
 
 
 def test_missing_entries_are_errors():
-    with pytest.raises(AlignTIError, match="no log-probs at prompt position 4"):
+    with pytest.raises(ValueError, match="no log-probs at prompt position 4"):
         prompt_logprobs_to_topk(recorded(), positions=[3], k=2)
-    with pytest.raises(AlignTIError, match="max_logprobs"):
+    with pytest.raises(ValueError, match="max_logprobs"):
         prompt_logprobs_to_topk(recorded(), positions=[0], k=3)
 
 

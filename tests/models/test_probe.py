@@ -8,7 +8,7 @@ from alignti.models.probe import (
     uninstall_probe,
 )
 from alignti.models.ribbon import build_ribbon
-from tests.extract.tiny_models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
+from tests.helpers.models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
 
 LAYERS = 3
 # (text tokens before the image, text tokens after it, seed) per sample; different lengths

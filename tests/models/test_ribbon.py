@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
-from tests.extract.tiny_models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
+from tests.helpers.models import FAMILIES, make_sequence, n_vision, pad_batch, pixel_values, tiny_model
 
 D = 3
 NEG = torch.finfo(torch.float32).min

@@ -91,6 +91,15 @@ def test_cache_json_other_schema_version(cache):
                    "schema_version 99")
 
 
+def test_cache_json_incomplete_fingerprint(cache):
+    """The check the writer treats as a caller's bug (ValueError) is the file's fault in cache.json."""
+    p = cache / "cache.json"
+    d = json.loads(p.read_text())
+    del d["teacher_fingerprint"]["tokenizer"]
+    p.write_text(json.dumps(d))
+    one_line_error(lambda: CacheReader.open(str(cache)), "cache.json teacher_fingerprint", "tokenizer")
+
+
 def test_cache_json_garbage_or_missing(cache):
     (cache / "cache.json").write_text("{not json")
     one_line_error(lambda: CacheReader.open(str(cache)), "cache.json", "not valid JSON")

@@ -40,7 +40,8 @@ def test_snippet_reads_the_same_sample_as_the_reader(tmp_path):
     ns: dict = {"CACHE": str(root)}
     exec(compile(snippet(), str(DOC), "exec"), ns)  # noqa: S102 - our own documentation
     got = ns["sample"]
-    ref = CacheReader.open(str(root)).get_by_ids([got["sample_id"]])[0]
+    reader = CacheReader.open(str(root))
+    ref = reader.get_batch(reader.index_of([got["sample_id"]]))[0]
     assert got["sample_id"] == make_samples(9, seed=21)[0].sample_id  # first sample of the first part
     for name, value in got.items():
         if name == "sample_id":

@@ -64,7 +64,7 @@ def test_existing_cache_needs_resume_or_overwrite(tmp_path, samples):
     before = tree_snapshot(root)
     with pytest.raises(AlignTIError, match="resume .* overwrite"):
         open_w(root)
-    with pytest.raises(AlignTIError, match="mutually exclusive"):
+    with pytest.raises(ValueError, match="mutually exclusive"):  # the CLI refuses it first
         open_w(root, resume=True, overwrite=True)
     assert tree_snapshot(root) == before
     with open_w(root, overwrite=True, m=manifest(dataclasses.replace(SETTINGS, seed=9))) as w:
@@ -102,7 +102,7 @@ def test_worker_lock_and_worker_resolution(tmp_path, samples, monkeypatch):
     assert resolve_worker(1, 2) == (1, 2)
     with pytest.raises(AlignTIError):
         resolve_worker(2, 2)
-    with pytest.raises(AlignTIError):
+    with pytest.raises(ValueError):
         resolve_worker(1, None)
 
 

@@ -4,8 +4,9 @@ llava (llava/eval/eval_science_qa.py): the output as is must be a letter A-E, or
 letter followed by ". " ("B. cat"), or contain "The answer is X" followed by any character
 exactly once ("The answer is B."); the letter must name one of the problem's choices. Anything
 else ("B.", "(B)", "b") is wrong.
-lmms-eval (tasks/scienceqa/utils.py): the stripped output must equal the right letter, or start
-with an upper-case letter and a "." ("B." and "B. cat" count, "The answer is B." does not).
+lmms-eval (tasks/scienceqa/utils.py, `sqa_process_results`): the stripped output, lower-cased,
+must equal the right letter lower-cased ("B" and "b" count), or the output must start with an
+upper-case letter and a "." naming it ("B." and "B. cat" count; "b." and "The answer is B." do not).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def sqa_parse(output: str, n_choices: int) -> int:
 def sqa_correct(output: str, answer: int, n_choices: int, scoring: str = "llava") -> bool:
     """One ScienceQA prediction judged the way `scoring` judges it."""
     if scoring == "lmms-eval":
-        pred, target = output.strip(), _LETTERS[answer]
-        if pred == target:
+        # sqa_process_results: the whole output is compared lower-cased ("b" is right); the "X."
+        # form needs an upper-case X, then its lower-case form is compared.
+        pred, target = output.strip(), _LETTERS[answer].lower()
+        if pred.lower() == target:
             return True
-        return len(pred) >= 2 and pred[0].isupper() and pred[1] == "." and pred[0] == target
+        return len(pred) >= 2 and pred[0].isupper() and pred[1] == "." and pred[0].lower() == target
     return sqa_parse(output, n_choices) == answer
 
 

@@ -1,4 +1,5 @@
-"""Tiny LLaVA models and hand-built batches for the probe and ribbon tests.
+"""Tiny LLaVA models shared by the test packages: hand-built batches for the probe and ribbon
+tests, and a shapes corpus with a teacher whose tokenizer is trained on it for the extract tests.
 
 Random init (std 0.02) gives near-uniform attention, against which an attention test could pass
 by accident; `sharpen` rescales the language model's projections so attention is peaked and
@@ -8,10 +9,13 @@ position-dependent.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast, ProcessorMixin
 
+from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.models.tiny import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 
@@ -76,3 +80,16 @@ def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.T
         mask[i, off: off + len(s)] = 1
         offsets.append(off)
     return ids, mask, offsets
+
+
+def shapes_teacher(root: Path, n: int, seed: int, layers: int = 3,
+                   vocab_size: int = 200) -> tuple[LlavaForConditionalGeneration, ProcessorMixin, Path]:
+    """A shapes corpus of n records in root/shapes and a tiny random teacher whose tokenizer is
+    trained on its conversations: (model, processor, shapes dir). Reshape the weights if the
+    test needs to, then save it with `save_model_dir`."""
+    shapes = root / "shapes"
+    run_shapes(ShapesConfig(out=str(shapes), n=n, seed=seed))
+    rows = json.loads((shapes / "train.json").read_text())
+    texts = [t["value"] for r in rows for t in r["conversations"]]
+    model, processor = build_tiny_llava(TinySpec(layers=layers), train_tokenizer(texts, vocab_size=vocab_size))
+    return model, processor, shapes

@@ -1,0 +1,38 @@
+"""The one atomic JSON writer: whole old file or whole new one, exclusive creation, no temp left."""
+
+import json
+import os
+
+import pytest
+
+from alignti.storage import files
+from alignti.storage.files import write_json_atomic
+
+
+def test_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a.json"
+    assert write_json_atomic(p, {"b": 1, "a": [1, 2]}, indent=1, sort_keys=True)
+    assert p.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=1, sort_keys=True) + "\n"
+    assert write_json_atomic(p, {"x": "é"}, ensure_ascii=False)
+    assert json.loads(p.read_text(encoding="utf-8")) == {"x": "é"}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_exclusive_never_clobbers(tmp_path):
+    p = tmp_path / "cache.json"
+    assert write_json_atomic(p, {"first": True}, exclusive=True)
+    assert not write_json_atomic(p, {"second": True}, exclusive=True)
+    assert json.loads(p.read_text()) == {"first": True} and os.listdir(tmp_path) == ["cache.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "state.json"
+    write_json_atomic(p, {"step": 1})
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(p, {"step": 2})
+    assert json.loads(p.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["state.json"]
