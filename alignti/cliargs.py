@@ -35,6 +35,7 @@ import yaml
 from click.core import ParameterSource
 
 from alignti.errors import AlignTIError
+from alignti.storage.files import write_text_atomic
 
 Leaf = tuple[tuple[str, ...], dataclasses.Field, Any]  # (path of field names, the field, its type)
 
@@ -224,8 +225,7 @@ def config_values(ctx: click.Context, config_cls: type, path: str) -> dict[str, 
 
 def write_run_file(cfg: Any, path: str | os.PathLike, command: str, note: str = "") -> Path:
     """Write `cfg`'s options as a run file `alignti COMMAND --config PATH` reads back, with a
-    commented header saying so (and `note`, one more comment line; written to a temporary name, then
-    renamed)."""
+    commented header saying so (and `note`, one more comment line), atomically."""
     path = Path(path)
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in options(cfg).items()}
     header = (f"# alignti {command}: the options of the run started {time.strftime('%Y-%m-%d %H:%M:%S')} in "
@@ -234,11 +234,9 @@ def write_run_file(cfg: Any, path: str | os.PathLike, command: str, note: str = 
               f"#   alignti {command} --config {path}\n"
               f"# options given as flags after it override the values below (e.g. another --out).\n"
               + (f"# {note}\n" if note else ""))
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
     except OSError as e:
         raise AlignTIError(f"cannot write {path}: {e.strerror or e}") from None
     return path

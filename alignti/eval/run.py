@@ -141,13 +141,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         return report
     start = time.time()
     questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
-    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     questions = questions[:cfg.limit] if cfg.limit else questions
     generated = generate_missing(cfg, questions) if cfg.model else 0
     if cfg.model and any(q.answer is None for q in questions):
         # MMBench's test TSV has no answers: the answers file is the product (for its server).
         print(f"answers written to {cfg.answers_path}; this {cfg.benchmark} file has no ground truth, "
               "so nothing is scored (MMBench test: submit the answers to its evaluation server)")
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
         return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
                 "n_questions": len(questions), "generated": generated}
     answers = load_answers(cfg.answers_path)
@@ -162,5 +162,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     })
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
+    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     print(scores_table(result))
     return result

@@ -35,8 +35,8 @@ from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import Reject
 from alignti.data.encode import EncodedSample
 from alignti.extract.run import ExtractConfig, load_teacher, parse_worker, signal_backend, worker_rows
-from alignti.storage.parts import PartInfo, seal_dir
-from alignti.storage.schema import PART_JSON, SampleSignals
+from alignti.storage.parts import PartInfo, part_name, publish_part, seal_dir
+from alignti.storage.schema import SampleSignals
 from alignti.storage.stats import SIGNALS, signal_of
 from alignti.storage.writer import resolve_worker, write_part_files
 
@@ -94,15 +94,16 @@ def part_bytes(samples: list[SampleSignals], rejects: list[tuple[str, str, str]]
     as the cache writer writes a part, into a temporary directory that is removed again."""
     with tempfile.TemporaryDirectory(prefix="alignti-dry-run-") as tmp:
         start = time.time()
-        rows = write_part_files(Path(tmp), samples, rejects, settings)
-        info = PartInfo("w0000-000000", 0, len(samples), len(rejects), manifest_hash, time.time(), rows,
-                        seal_dir(Path(tmp)))
-        (Path(tmp) / PART_JSON).write_text(info.to_json(), encoding="utf-8")
+        name, building = part_name(0, 0), Path(tmp) / "building"
+        building.mkdir()
+        rows = write_part_files(building, samples, rejects, settings)
+        info = PartInfo(name, 0, len(samples), len(rejects), manifest_hash, time.time(), rows, seal_dir(building))
+        publish_part(building, Path(tmp) / name, info)
         seconds = time.time() - start
         out = Counter({s: 0 for s in SIGNALS})
-        for path in Path(tmp).rglob("*"):
+        for path in (Path(tmp) / name).rglob("*"):
             if path.is_file():
-                out[signal_of(path.relative_to(tmp).as_posix())] += path.stat().st_size
+                out[signal_of(path.relative_to(Path(tmp) / name).as_posix())] += path.stat().st_size
     return dict(out), seconds
 
 
