@@ -58,7 +58,7 @@ def format_table(st: dict[str, Any]) -> str:
 
 
 QUANTILES = ("min", "p5", "p50", "p95", "max")
-_BARS = " ▁▂▃▄▅▆▇█"
+_BARS = " .:-=+*#@"  # ASCII: any terminal encoding
 
 
 def _bins(st: dict[str, Any]) -> str:
