@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
@@ -24,6 +23,7 @@ from alignti.errors import AlignTIError
 from alignti.extract.irs_score import choose_layer, irs_scores
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id
     layers = list(range(model.config.get_text_config().num_hidden_layers))
     alphas = []
     batches = list(length_grouped(samples, batch_size))
-    for group in tqdm(batches, desc="irs", unit="batch", disable=not progress):
+    for group in progress_bar(batches, desc="irs", unit="batch", disable=not progress):
         batch = collate(group, pad_id).to(model.device, model.dtype)
         queries, keys = probe_targets(batch.samples, group[0].n_v)
         with probe_attention(model, layers, queries, keys) as probe:

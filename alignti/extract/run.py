@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.cliargs import write_run_file
@@ -31,6 +30,7 @@ from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.progress import progress_bar
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import RUN_YAML, CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
@@ -234,7 +234,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 else:
                     yield enc
 
-        bar = tqdm(desc=f"extract w{worker}/{num_workers}", unit="sample", dynamic_ncols=True)
+        total = None if cfg.resume else sum(1 for _ in worker_rows(cfg.data, worker, num_workers, cfg.limit))
+        bar = progress_bar(desc=f"extract w{worker}/{num_workers}", unit="sample", total=total)
         loop_start = time.time()
         for group in length_grouped(samples(), cfg.batch_size):
             t0 = time.time()
