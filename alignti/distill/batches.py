@@ -15,6 +15,7 @@ trainer can all-reduce them before the forward and divide once by global counts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,3 +270,19 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
         max_input_id=int(lay["input_ids"].max()), sample_ids=tuple(e.student.sample_id for e in examples),
         term_counts=counts,
     )
+
+
+def to_device(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
+    """`batch` with every tensor on `device` (the same object when they already are)."""
+    dev = torch.device(device)
+    if batch.input_ids.device == dev:
+        return batch
+
+    def move(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return v.to(dev)
+        if isinstance(v, tuple):
+            return tuple(x.to(dev) for x in v)
+        return v
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})

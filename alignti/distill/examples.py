@@ -4,9 +4,9 @@ The cache is keyed by content-hash sample id (image bytes + conversation), never
 the join re-reads the corpus the cache was built from and looks each row up. At start only what
 needs no image and no tokenisation is read: each part's samples.parquet (ids, text lengths, n_v)
 and the corpus rows. An `ExampleSet` keeps per sample the corpus row (its text; the image stays on
-disk) and a few numbers; a micro-batch's examples are encoded with the STUDENT's processor
-(`data/encode.py`, the one tokenisation path) and their signals read in one batched cache read
-when the loop reaches them. Every joined sample is then verified against what the teacher saw:
+disk) and a few numbers; examples are encoded with the STUDENT's processor (`data/encode.py`,
+the one tokenisation path) and their signals read in one batched cache read when the loader
+builds them (`distill/loader.py`: a window of upcoming micro-batches at a time). Every joined sample is then verified against what the teacher saw:
 identical unexpanded token ids, the same response positions and label spans. A mismatch is an
 AlignTIError naming the sample, never a silent misalignment of teacher rows.
 
@@ -139,16 +139,34 @@ class ExampleSet(Sequence):
         self.memo = ExampleMemo(budget_bytes)
 
     def get_many(self, indices: Sequence[int]) -> list[DistillExample]:
-        """The usable examples at `indices`, in order: from the memo, or built now (signals in one batched
-        cache read). A sample that cannot be built is left out and recorded in `late_rejects`."""
-        idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
-        if any(not 0 <= i < len(self) for i in idx):
-            raise IndexError(f"example index out of range for {len(self)} examples")
+        """The usable examples at `indices`, in order (see `fetch`)."""
+        idx = self._checked(indices)
+        found = self.fetch(idx)
+        return [found[i] for i in idx if i in found]
+
+    def fetch(self, indices: Sequence[int]) -> dict[int, DistillExample]:
+        """index -> example for the usable ones among `indices`: from the memo, or built now, all of
+        them with their signals in one batched cache read (one read per cache part they fall in). A
+        sample that cannot be built is left out and recorded in `late_rejects`."""
+        idx = self._checked(indices)
         missing = sorted({i for i in idx if i not in self.memo and i not in self.late_rejects})
         built = self._build(missing) if missing else {}
         for i, ex in built.items():
             self.memo.put(i, ex)
-        return [built[i] if i in built else self.memo[i] for i in idx if i not in self.late_rejects]
+        return {i: built[i] if i in built else self.memo[i] for i in idx if i not in self.late_rejects}
+
+    def in_worker(self) -> None:
+        """Prepare this copy for a DataLoader worker process: no example memory (the main process keeps
+        it) and the cache reader's own file handles (never the parent's)."""
+        self.memo = ExampleMemo(0)
+        if self.reader is not None:
+            self.reader.drop_handles()
+
+    def _checked(self, indices: Sequence[int]) -> list[int]:
+        idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
+        if any(not 0 <= i < len(self) for i in idx):
+            raise IndexError(f"example index out of range for {len(self)} examples")
+        return idx
 
     def first_usable(self) -> DistillExample:
         """The first example that can be built: a stand-in for a micro-batch none of whose samples could."""

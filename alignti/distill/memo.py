@@ -27,6 +27,21 @@ def nbytes(obj: Any) -> int:
     return 0
 
 
+def private_copy(obj: Any) -> Any:
+    """`obj` with every tensor (through nested dataclass fields) copied into this process's own memory.
+
+    Tensors that come from a DataLoader worker live in shared-memory segments, one mapping each; an
+    example kept for the whole run is copied out of them, so the kept set never holds thousands of
+    mappings (the kernel limits them per process).
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: private_copy(getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
 class ExampleMemo:
     """index -> example, up to `budget_bytes` of tensor data."""
 
@@ -42,6 +57,9 @@ class ExampleMemo:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def has_room(self) -> bool:
+        return self.used < self.budget
 
     def put(self, i: int, example: Any) -> None:
         size = nbytes(example)

@@ -186,9 +186,11 @@ def test_an_image_changed_or_corrupt_since_extraction_is_skipped_and_named(world
     assert examples.get_many([0, 2]) == [] and examples.first_usable().student.source_id == rows[1]["id"]
 
 
-def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path, capsys):
-    """A run whose images turn out corrupt when first used: they are skipped, named once, counted in
-    the summary; a micro-batch left with no usable sample is a zero-weighted stand-in."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path, capsys, workers):
+    """A run whose images turn out corrupt when first used: they are skipped, named once (by the main
+    process, also when loader workers found them), counted in the summary; a micro-batch left with
+    no usable sample is a zero-weighted stand-in."""
     import shutil
 
     w = run_world(tmp_path_factory)
@@ -198,13 +200,14 @@ def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path,
     for row in rows[:3]:
         (root / row["image"]).write_bytes(b"broken")
     base = dict(student=str(w.student), cache=str(w.cache), image_root=str(root), recipe="alignti", lr=1e-3,
-                batch_size=1, max_steps=24, save_every=0, progress=False, seed=7)
+                batch_size=1, epochs=2, max_steps=30, save_every=0, progress=False, seed=7,
+                num_workers=workers)
     summary = train.run_distill(distill_config(out=str(tmp_path / "run"), **base))
-    assert summary["steps"] == 24 and summary["rejects"] == {"corrupt_image": 3}
+    assert summary["steps"] == 30 and summary["rejects"] == {"corrupt_image": 3}  # 1.25 epochs
     out = capsys.readouterr().out + capsys.readouterr().err
     assert all(out.count(f"skipping source {row['id']!r} (corrupt_image") == 1 for row in rows[:3])
     log = read_log(tmp_path / "run")
-    assert sum(r["tokens"] == 0 for r in log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    assert sum(r["tokens"] == 0 for r in log[:24]) == 3 and all(np.isfinite(r["loss"]) for r in log)
 
 
 class ReferenceSet(list):
@@ -220,8 +223,8 @@ class ReferenceSet(list):
     def has_text_only(self) -> bool:
         return any(e.student.pixel_values is None for e in self)
 
-    def get_many(self, indices):
-        return [self[i] for i in indices]
+    def fetch(self, indices):
+        return {i: self[i] for i in indices}
 
     def iva_samples(self):
         return [(e.signals.sample_id, e.signals.n_v, e.student.n_v) for e in self

@@ -1,4 +1,5 @@
-"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log."""
+"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log,
+also when the killed and the resumed run build their micro-batches in loader workers."""
 
 from __future__ import annotations
 
@@ -40,16 +41,23 @@ def strip_timing(log: list[dict]) -> list[dict]:
     return [{k: v for k, v in rec.items() if k not in TIMING} for rec in log]
 
 
-@pytest.mark.timeout(300)
-def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
-    # Both runs in fresh subprocesses with the same environment (same thread count, so the same
-    # floating-point reduction order).
-    ref = tmp_path / "ref"
-    ref_summary = run_to_end(config(world, ref))
-    assert ref_summary["steps"] == 12  # 24 samples / batch 2
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory) -> Path:
+    """The uninterrupted run (micro-batches built in the training process)."""
+    ref = tmp_path_factory.mktemp("resume-ref") / "ref"
+    assert run_to_end(config(world, ref, num_workers=0))["steps"] == 12  # 24 samples / batch 2
+    return ref
 
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_uninterrupted(world, reference, tmp_path, workers):
+    # Every run in a fresh subprocess with the same environment (same thread count, so the same
+    # floating-point reduction order).
+    ref = reference
     out = tmp_path / "killed"
-    proc = subprocess.Popen(distill_cli(**config(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(distill_cli(**config(world, out, num_workers=workers)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
         time.sleep(0.005)
@@ -62,11 +70,11 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
 
     # without --resume the existing output is refused; a changed option is refused on resume
     with pytest.raises(AlignTIError, match="already exists"):
-        run_distill(distill_config(**config(world, out)))
+        run_distill(distill_config(**config(world, out, num_workers=workers)))
     with pytest.raises(AlignTIError, match="lr"):
-        run_distill(distill_config(**config(world, out, lr=2e-3, resume=True)))
+        run_distill(distill_config(**config(world, out, lr=2e-3, resume=True, num_workers=workers)))
 
-    summary = run_to_end(config(world, out, resume=True))
+    summary = run_to_end(config(world, out, resume=True, num_workers=workers))
     assert summary["resumed_from"].endswith(f"step-{killed_at}")
     assert summary["steps_this_run"] == 12 - killed_at
     a, b = weights(ref / "final"), weights(out / "final")
