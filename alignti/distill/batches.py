@@ -281,8 +281,8 @@ def to_device(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
     def move(v: object) -> object:
         if isinstance(v, torch.Tensor):
             return v.to(dev)
-        if isinstance(v, tuple):
-            return tuple(x.to(dev) for x in v)
+        if isinstance(v, tuple):  # per-sample tensors (probe positions) or strings (sample ids)
+            return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in v)
         return v
 
     return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
