@@ -27,21 +27,6 @@ def nbytes(obj: Any) -> int:
     return 0
 
 
-def private_copy(obj: Any) -> Any:
-    """`obj` with every tensor (through nested dataclass fields) copied into this process's own memory.
-
-    Tensors that come from a DataLoader worker live in shared-memory segments, one mapping each; an
-    example kept for the whole run is copied out of them, so the kept set never holds thousands of
-    mappings (the kernel limits them per process).
-    """
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: private_copy(getattr(obj, f.name))
-                                           for f in dataclasses.fields(obj) if f.init})
-    return obj
-
-
 class ExampleMemo:
     """index -> example, up to `budget_bytes` of tensor data."""
 
