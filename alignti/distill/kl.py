@@ -2,7 +2,7 @@
 
 Every distillation term compares a teacher distribution known only through its top-k ids and
 log-probs with the student's full logits. Both are collapsed onto the same k+1 buckets: the k
-teacher ids and one tail bucket holding everything else (design.md section 2):
+teacher ids and one tail bucket holding everything else (docs/method.md):
 
     teacher: p_i = exp(logprob_i),           r = max(0, 1 - sum_i p_i)
     student: log q_i = log_softmax(logits)[id_i],

@@ -56,6 +56,14 @@ PREFETCH = 2  # windows each worker builds ahead
 Planned = tuple[int, list[int], bool]  # (optimizer step, sample indices, live) of one micro-batch
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """--num-workers, or its default: 2 per process on GPU (the host idles while the GPU computes); 0 on
+    CPU, where the step's threads already use every core (and workers only take them away)."""
+    if num_workers is not None:
+        return num_workers
+    return 2 if device.type == "cuda" else 0
+
+
 def step_plan(lengths: list[int], cfg: DistillConfig, per_step: int, steps_per_epoch: int, steps: range,
               rank: int, world: int, even: bool = False) -> Iterator[Planned]:
     """This process's micro-batches of `steps`, in order. even: every process runs as many per step

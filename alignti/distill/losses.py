@@ -8,7 +8,7 @@ score returns `(0, 0)` with a zero, NaN-free gradient. The row terms take logits
 rows plus `head=` (the fused LM head: applied per chunk inside the recomputed chunk,
 `kl.chunked_row_sum`).
 
-Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
+Terms (docs/method.md; the top-k KL itself is in `alignti.distill.kl`):
 - `sft_rows_loss`: cross-entropy of the labelled rows (count: rows).
 - `kd_loss`:   top-k KL at response rows (count: rows).
 - `sft_kd_loss`: both of those in one pass over the response rows.

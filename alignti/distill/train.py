@@ -38,17 +38,20 @@ from tqdm import tqdm
 from alignti.data.encode import SampleEncoder
 from alignti.distill import checkpoint as ckpt
 from alignti.distill import sharding
+from alignti.distill import trackers
 from alignti.distill.config import TERMS, DistillConfig, LossConfig
 from alignti.distill.examples import ExampleSet, cache_examples, check_iva_compatible, corpus_examples
 from alignti.distill.kl import PADDED_MASS_WARN
-from alignti.distill.loader import step_batches, step_plan, window_builder
+from alignti.distill.loader import loader_workers, step_batches, step_plan, window_builder
 from alignti.distill.losses import combine
 from alignti.distill.objective import Objective, padded_mass_warning, probe_layers
 from alignti.distill.order import lr_factor
-from alignti.cliargs import options
+from alignti.distill.plot import plot_log
+from alignti.cliargs import options, write_run_file
 from alignti.errors import AlignTIError
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, load_processor, resolve_device
+from alignti.progress import progress_bar
 from alignti.storage.reader import CacheReader
 
 PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector")
@@ -62,10 +65,11 @@ def make_accelerator(cfg: DistillConfig, find_unused: bool) -> Accelerator:
     """Accelerator for --device. find_unused: some micro-batch may leave parameters out of the
     graph (a text-only sample skips the projector); DDP must then be told, or it waits for their
     gradients forever. It costs a graph traversal per step, so it is on only when needed.
-    Mixed precision is ours (`Objective`), not accelerate's."""
+    Mixed precision is ours (`Objective`), not accelerate's; --report-to picks accelerate's tracker."""
     device = resolve_device(cfg.device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
-    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp],
+                       log_with=trackers.log_with(cfg.report_to), project_dir=cfg.out)
 
 
 def autocast_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
@@ -116,14 +120,6 @@ def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.A
 
 
 # ---------------------------------------------------------------- one optimizer step
-
-
-def loader_workers(cfg: DistillConfig, device: torch.device) -> int:
-    """--num-workers, or its default: 2 per process on GPU (the host is idle while the GPU computes);
-    0 on CPU, where the step's threads already use every core."""
-    if cfg.num_workers is not None:
-        return cfg.num_workers
-    return 2 if device.type == "cuda" else 0
 
 
 def optimizer_step(acc: Accelerator, objective: torch.nn.Module, batches: list, live: list[bool],
@@ -213,7 +209,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
     if acc.is_main_process:
         model = sharding.unsharded_copy(cfg.student, full) if run.fsdp else run.model
         final = ckpt.save_final(model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
+        plot_log(cfg.out)
     acc.wait_for_everyone()
+    acc.end_training()  # closes the tracker run
     return _summary(run, final, last, train_seconds, time.time() - wall_start) if acc.is_main_process else None
 
 
@@ -255,7 +253,8 @@ def setup_run(cfg: DistillConfig) -> Run:
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     per_step = cfg.grad_accum * acc.num_processes
     resume_from = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
-    state = ckpt.check_resume(cfg, resume_from, per_step, student_fp["weights"], fsdp is not None) if resume_from else {}
+    state = (ckpt.check_resume(cfg, resume_from, per_step, student_fp["weights"], fsdp is not None)
+             if resume_from else {})
     model, trainable = load_student(cfg, acc, resume_from)
 
     steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / per_step)
@@ -281,8 +280,12 @@ def setup_run(cfg: DistillConfig) -> Run:
                   f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
     if acc.is_main_process:
         if not resume_from:
-            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp})
+            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp,
+                                                           "run_id": trackers.new_run_id()})
+        write_run_file(cfg, Path(cfg.out) / ckpt.RUN_FILE, "distill", note="the *_weight values are --recipe's, "
+                       "resolved: delete them to take another recipe's")
         ckpt.truncate_log(cfg.out, run.start_step)
+        trackers.start(acc, cfg.report_to, cfg.out, options(cfg), run.start_step)
         print(_intro(run, trainable), flush=True)
     acc.wait_for_everyone()
     return run
@@ -299,11 +302,11 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
                      range(run.start_step, run.total_steps), acc.process_index, acc.num_processes, even=run.fsdp)
     params = [p for p in run.model.parameters() if p.requires_grad]
     last, warned = {}, False
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="distill", unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress))
+    bar = progress_bar(total=run.total_steps, initial=run.start_step, desc="distill", unit="step",
+                       disable=not (main and cfg.progress))
     log = open(Path(cfg.out) / ckpt.LOG, "a", encoding="utf-8") if main else None
     loop_start = t0 = time.time()  # t0: the step's start, waiting for its micro-batches included
-    for step, share in step_batches(builder, plan, acc.device, loader_workers(cfg, acc.device), cfg.seed):
+    for step, share in step_batches(builder, plan, acc.device, loader_workers(cfg.num_workers, acc.device), cfg.seed):
         epoch = step // run.steps_per_epoch
         batches = [b for b, _ in share]
         warned = warned or warn_padded_mass(batches, vocab, run.weights)
@@ -325,6 +328,7 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
         if main:
             log.write(json.dumps(last) + "\n")
             log.flush()
+            trackers.log_step(acc, last)
             if (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps:
                 bar.set_postfix(_postfix(last), refresh=False)
             bar.update(1)
