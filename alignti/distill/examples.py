@@ -7,8 +7,9 @@ and the corpus rows. An `ExampleSet` keeps per sample the corpus row (its text; 
 disk) and a few numbers; examples are encoded with the STUDENT's processor (`data/encode.py`,
 the one tokenisation path) and their signals read in one batched cache read when the loader
 builds them (`distill/loader.py`: a window of upcoming micro-batches at a time). Every joined
-sample is then verified against what the teacher saw: identical unexpanded token ids, the same response positions and label spans. A mismatch is an
-AlignTIError naming the sample, never a silent misalignment of teacher rows.
+sample is then verified against what the teacher saw: identical unexpanded token ids, the same
+response positions and label spans. A mismatch is an AlignTIError naming the sample, never a
+silent misalignment of teacher rows.
 
 What cannot be known without decoding an image (a corrupt file, an image changed since
 extraction: its content hash no longer matches) is found when the sample is first built: it is
