@@ -45,7 +45,7 @@ def data_shapes(cfg: ShapesConfig) -> None:
 @cli.command()
 @from_dataclass(AssembleConfig)
 def assemble(cfg: AssembleConfig) -> None:
-    """Build a LLaVA model from a local LM + vision tower, or a tiny random one (--random)."""
+    """Build a LLaVA model from a local LM + vision tower, or a tiny random one of any family (--random)."""
     click.echo(str(run_assemble(cfg)))
 
 

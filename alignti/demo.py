@@ -30,7 +30,8 @@ from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.models.tower import copy_tower, pretrain_tower, shapes_tower_data
 from alignti.demo_report import write_report
 
@@ -136,7 +137,7 @@ def train_config(student: Path, out: Path, plan: DemoPlan, steps: int, lr: float
 def pretrain_demo_tower(model_dir: Path, corpus: Path, root: Path, steps: int,
                         seed: int) -> tuple[torch.nn.Module, dict]:
     """The teacher init with its vision tower pretrained on the corpus's object annotations."""
-    model, processor = load_model(model_dir), load_processor(model_dir)
+    model, processor = load_model(model_dir), load_parts(model_dir)
     vision = model.config.vision_config
     pixels, labels = shapes_tower_data(str(corpus), str(root), processor, vision.image_size // vision.patch_size)
     labels = {k: labels[k] for k in ("color", "shape")}  # a quadrant head did not help (docs/results.md)
@@ -200,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
     """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
-    model, processor = load_model(teacher), load_processor(teacher)
+    model, processor = load_model(teacher), load_parts(teacher)
     items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
     with_box = [it for it in items if it.box]
     masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]

@@ -23,12 +23,13 @@ from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
-from alignti.extract.irs import calibration_samples, compute_irs
+from alignti.extract.irs import calibration_samples, check_calibration, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.family import load_parts
+from alignti.models.loading import load_config, load_model, resolve_device, resolve_dtype
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
@@ -117,8 +118,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     if existing is not None and existing.settings.iva_layer is not None:
         return existing.settings.iva_layer, existing.settings.irs_scores
     samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
-    if len(samples) < 2:
-        raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
+    check_calibration(samples, "--iva-layer auto: pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), [round(float(s), 6) for s in scores]
 
@@ -157,9 +157,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     # The vLLM backend loads the full HF teacher only for IRS (then frees it).
     model = load_model(cfg.teacher, device, dtype) if cfg.backend == "hf" else None
-    processor = load_processor(cfg.teacher)
-    pad_id = processor.tokenizer.pad_token_id
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    parts = load_parts(cfg.teacher)
+    pad_id = parts.tokenizer.pad_token_id
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     teacher_config = load_config(cfg.teacher)
     iva_layer, irs = resolve_iva_layer(cfg, teacher_config.get_text_config().num_hidden_layers,
                                        lambda: model or load_model(cfg.teacher, device, dtype), encoder, pad_id)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import ProcessorMixin
 from tqdm import tqdm
 
 from alignti.data.corpus import Reject, load_image, read_corpus
 from alignti.data.shapes_render import COLORS, POSITIONS, SHAPES
 from alignti.errors import AlignTIError
 from alignti.data.boxes import patch_overlap
+from alignti.models.family import ModelParts
 from alignti.models.loading import load_model
 
 # Head name -> classes; class 0 of colour and shape is "no object in this patch".
@@ -48,7 +48,7 @@ def patch_labels(objects: list[dict], image_size: int, grid: int) -> dict[str, t
     return {"color": color, "shape": shape, "quadrant": quadrant}
 
 
-def shapes_tower_data(corpus: str, image_root: str, processor: ProcessorMixin,
+def shapes_tower_data(corpus: str, image_root: str, processor: ModelParts,
                       grid: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixels and per-patch labels of every record of a shapes corpus:
     (pixel_values [N, 3, S, S], {head: int64 [N, grid * grid]})."""

@@ -12,16 +12,17 @@ from alignti.data.corpus import CorpusRow
 from alignti.data.encode import IGNORE_INDEX, SampleEncoder
 from alignti.eval.formats import EvalQuestion
 from alignti.eval.generate import (
-    append_answers, chat_prompt, generate_batch, make_generator, repair_answers_tail, stop_token_ids,
+    append_answers, generate_batch, make_generator, repair_answers_tail, stop_token_ids, user_turn,
 )
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.models.tokenizer import IM_END
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir), load_processor(tiny_model_dir)
+    return load_model(tiny_model_dir), load_parts(tiny_model_dir)
 
 
 def _image_root(tmp_path):
@@ -47,11 +48,15 @@ def test_prompt_ids_equal_the_training_encoding_up_to_the_answer(tiny, tmp_path,
     sample = SampleEncoder(processor, str(root)).encode(CorpusRow("1", image, (("user", user), ("assistant", "red"))))
     first_label = int((sample.labels != IGNORE_INDEX).nonzero()[0])
     gen = make_generator(model, processor, max_new_tokens=2)
-    images = [Image.open(root / image).convert("RGB")] if image else None
-    ids = processor(text=[chat_prompt(gen.encoder, question)], images=images, return_tensors="pt",
-                    add_special_tokens=False)["input_ids"][0]
-    assert ids.tolist() == sample.input_ids[:first_label].tolist()
-    assert int((ids == gen.encoder.image_token_id).sum()) == sample.n_v == (16 if image else 0)  # (32 / 8)^2
+    loaded = Image.open(root / image).convert("RGB") if image else None
+    prompt = gen.encoder.encode_prompt("1", user_turn(question), loaded)
+    assert prompt.input_ids.tolist() == sample.input_ids[:first_label].tolist()
+    assert (prompt.labels == IGNORE_INDEX).all() and prompt.n_v == sample.n_v == (16 if image else 0)  # (32 / 8)^2
+    # and the LLaVA processor's own expansion of the rendered prompt gives the same ids
+    text = gen.encoder.render((("user", user_turn(question)),), add_generation_prompt=True)
+    ids = processor.settings["processor"](text=[text], images=[loaded] if image else None, return_tensors="pt",
+                                          add_special_tokens=False)["input_ids"][0]
+    assert ids.tolist() == prompt.input_ids.tolist()
 
 
 def test_stop_tokens_include_the_templates_end_of_turn(tiny):
@@ -59,7 +64,7 @@ def test_stop_tokens_include_the_templates_end_of_turn(tiny):
     gen = make_generator(model, processor, max_new_tokens=2)
     im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
     assert stop_token_ids(gen.encoder, model) == (im_end,)  # eos is <|im_end|> too: listed once
-    assert gen.pad_id == processor.tokenizer.pad_token_id and processor.tokenizer.padding_side == "left"
+    assert gen.pad_id == processor.tokenizer.pad_token_id
 
 
 def test_left_padded_batch_equals_one_question_at_a_time(tiny, tmp_path):
@@ -88,7 +93,8 @@ def test_repair_tail(tmp_path):
 
 def _train_to_answer(tmp_path, cases):
     """A tiny model overfitted, through the training tokenisation path, to answer `cases`."""
-    from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+    from alignti.models.family import save_model_dir
+    from alignti.models.llava import TinySpec, build_tiny_llava
     from alignti.models.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([q + " " + a for _, q, a in cases] * 8, vocab_size=280)
@@ -102,7 +108,7 @@ def _train_to_answer(tmp_path, cases):
     model.train()
     for _ in range(40):
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     pixel_values=batch.pixel_values, labels=batch.labels).loss
+                     **batch.images, labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

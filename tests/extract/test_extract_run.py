@@ -11,7 +11,7 @@ import pytest
 
 from alignti.errors import AlignTIError
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.tiny import save_model_dir
+from alignti.models.family import save_model_dir
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP
 from tests.helpers.models import shapes_teacher

@@ -8,8 +8,9 @@ from alignti.errors import AlignTIError
 from alignti.extract import vllm_backend
 from alignti.extract.run import ExtractConfig, run_extract, vllm_teacher
 from alignti.extract.vllm_backend import VllmEngine
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import save_model_dir
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
+from alignti.models.family import save_model_dir
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP, CacheSettings
 from tests.extract.fake_vllm import FakeLLM, SamplingParams
@@ -32,7 +33,7 @@ def fake_engine(monkeypatch):
     engines = []
 
     def create(teacher, max_logprobs, dtype, max_model_len, gpu_memory):
-        engines.append(VllmEngine(FakeLLM(load_model(teacher), load_processor(teacher), max_logprobs), SamplingParams))
+        engines.append(VllmEngine(FakeLLM(load_model(teacher), load_parts(teacher), max_logprobs), SamplingParams))
         return engines[-1]
 
     monkeypatch.setattr(vllm_backend.VllmEngine, "create", staticmethod(create))
@@ -98,7 +99,7 @@ def test_changed_prompt_is_a_clear_error(world, tmp_path, monkeypatch):
 
     _, teacher, _ = world
     monkeypatch.setattr(vllm_backend.VllmEngine, "create", staticmethod(
-        lambda *a: VllmEngine(Expanding(load_model(teacher), load_processor(teacher), 8), SamplingParams)))
+        lambda *a: VllmEngine(Expanding(load_model(teacher), load_parts(teacher), 8), SamplingParams)))
     with pytest.raises(AlignTIError, match="image expansion differs"):
         run_extract(cfg(world, tmp_path / "bad", backend="vllm", iva_layer="none", tpa_d=0, limit=2))
 
@@ -106,6 +107,6 @@ def test_changed_prompt_is_a_clear_error(world, tmp_path, monkeypatch):
 def test_missing_logprobs_are_errors(world, tmp_path, monkeypatch):
     _, teacher, _ = world
     monkeypatch.setattr(vllm_backend.VllmEngine, "create", staticmethod(
-        lambda *a: VllmEngine(FakeLLM(load_model(teacher), load_processor(teacher), 8), SamplingParams)))
+        lambda *a: VllmEngine(FakeLLM(load_model(teacher), load_parts(teacher), 8), SamplingParams)))
     with pytest.raises(ValueError, match="max_logprobs"):  # k=16 > the engine's max_logprobs=8
         run_extract(cfg(world, tmp_path / "k", backend="vllm", iva_layer="none", tpa_d=0, top_k=16, limit=2))
