@@ -22,6 +22,7 @@ from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.reader import CacheReader
 from tests.distill.test_offline_online import bucket_kl_and_bound
 from tests.distill.worlds import make_signal_world, objective_terms, student_model
+from tests.helpers.families import reference_logprobs
 from tests.helpers.models import pixels
 
 REF_RTOL = 2e-5  # fp32 step vs float64 reference
@@ -43,18 +44,13 @@ def _batch(world, ex, cfg, **kw):
     return build_distill_batch(ex, world.pad_id, world.image_token_id, cfg, "cpu", torch.float32, **kw)
 
 
-def _plain_logprobs(model, ids: torch.Tensor, pixel_values) -> torch.Tensor:
-    """float64 [T, V] log-softmax of a plain forward of one unpadded sequence."""
-    with torch.no_grad():
-        return torch.log_softmax(model(input_ids=ids[None], pixel_values=pixel_values).logits[0].double(), -1)
-
-
 def brute_force(model, examples, weighting: str = "teacher") -> dict[str, tuple[float, float]]:
-    """(sum, count) of each term from separate plain forwards (per sample, per candidate)."""
+    """(sum, count) of each term from separate plain forwards (per sample, per candidate), each with the
+    positions the model computes itself (any family)."""
     out = {k: [0.0, 0] for k in ("sft", "kd", "iva", "tpa")}
     for e in examples:
         s, sig = e.student, e.signals
-        lp = _plain_logprobs(model, s.input_ids, pixels(s))
+        lp = reference_logprobs(model, s.input_ids, s.images)
         resp = s.resp_positions
         out["sft"][0] -= float(lp[resp, s.input_ids[resp + 1]].sum())
         out["sft"][1] += resp.numel()
@@ -71,8 +67,8 @@ def brute_force(model, examples, weighting: str = "teacher") -> dict[str, tuple[
         for r, cands, cand_lp, ids, lps in zip(sig.tpa_rows, sig.tpa_cand_ids, sig.tpa_cand_logprobs,
                                                sig.tpa_topk_ids, sig.tpa_topk_logprobs):
             t = int(resp[r])
-            rows = torch.stack([_plain_logprobs(model, torch.cat([s.input_ids[: t + 1], torch.tensor([int(a)])]),
-                                                pixels(s))[-1] for a in cands])
+            rows = torch.stack([reference_logprobs(model, torch.cat([s.input_ids[: t + 1], torch.tensor([int(a)])]),
+                                                   s.images)[-1] for a in cands])
             kl, _ = bucket_kl_and_bound(rows, torch.from_numpy(ids).long(), torch.from_numpy(lps))
             u = torch.softmax(torch.from_numpy(cand_lp).double(), -1) if weighting == "teacher" else 1 / len(cands)
             out["tpa"][0] += float((u * kl).sum())
@@ -230,7 +226,7 @@ def test_corpus_examples_for_sft(world):
     cfg = LossConfig("sft")
     got = _values(objective_terms(world.student, _batch(world, ex, cfg), cfg))
     assert set(got) == {"sft"}
-    ref = -sum(float(_plain_logprobs(world.student, e.student.input_ids, pixels(e.student))[
+    ref = -sum(float(reference_logprobs(world.student, e.student.input_ids, e.student.images)[
         e.student.resp_positions, e.student.input_ids[e.student.resp_positions + 1]].sum()) for e in ex)
     assert got["sft"][0] == pytest.approx(ref, rel=REF_RTOL)
     with pytest.raises(ValueError, match=r"need teacher signals from a cache"):
