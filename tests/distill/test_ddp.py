@@ -3,7 +3,8 @@
 Note: in accelerate 1.x `accelerate launch --cpu --num_processes 2` starts ONE process (the
 `--cpu` path is the single-process launcher unless MPI is configured). `--multi_gpu` on a
 machine without GPUs runs torchrun with 2 processes, and `Accelerator(cpu=True)` then forms a
-gloo process group, which is what this test uses.
+gloo process group, which is what this test uses. Run on the LLaVA world and on Qwen2.5-VL (the
+family adapter's positions and images under DDP).
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ import pytest
 import torch
 
 from tests.distill.worlds import cli_summary, distill_cli, read_log, run_world, weights
+from tests.helpers.families import family_world
+
+# world -> (batch size, epochs, optimizer steps): 24 samples in 5 micro-batches of 5 / 16 in 3 of 6 per
+# epoch, 2 per step, so the last step of each epoch has one micro-batch and the second process runs a
+# zero-weighted one (live=False)
+PLANS = {"llava": (5, 2, 6), "qwen2_5_vl": (6, 1, 2)}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return run_world(tmp_path_factory)
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def world(request, tmp_path_factory):
+    if request.param == "llava":
+        return run_world(tmp_path_factory), PLANS["llava"]
+    return family_world(tmp_path_factory, request.param), PLANS[request.param]
 
 
 def free_port() -> int:
@@ -37,10 +46,9 @@ def summary_of(done: subprocess.CompletedProcess) -> dict:
 
 @pytest.mark.timeout(400)
 def test_two_processes_equal_one_with_double_accumulation(world, tmp_path):
-    # batch 5 over 24 samples: 5 micro-batches per epoch, 2 per step -> the last step of each
-    # epoch has one micro-batch, so the second process runs a zero-weighted one (live=False).
+    world, (batch_size, epochs, steps) = world
     base = dict(cache=str(world.cache), student=str(world.student), recipe="alignti", lr=2e-3, warmup_steps=1,
-                batch_size=5, epochs=2, save_every=0, progress=False, device="cpu", seed=3)
+                batch_size=batch_size, epochs=epochs, save_every=0, progress=False, device="cpu", seed=3)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     one_cfg = dict(base, out=str(tmp_path / "one"), grad_accum=2)
     one = summary_of(subprocess.run(distill_cli(**one_cfg), env=env, capture_output=True, text=True, timeout=300))
@@ -50,7 +58,7 @@ def test_two_processes_equal_one_with_double_accumulation(world, tmp_path):
               "--main_process_port", str(free_port()), *distill_cli(**two_cfg)[2:]]  # -m alignti distill ...
     two = summary_of(subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300))
     assert one["processes"] == 1 and two["processes"] == 2
-    assert one["steps"] == two["steps"] == 6
+    assert one["steps"] == two["steps"] == steps
     log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for a, b in zip(log1, log2, strict=True):
         assert a["tokens"] == b["tokens"]

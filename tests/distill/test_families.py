@@ -112,6 +112,10 @@ def test_every_recipe_trains_and_projector_is_the_merger(tmp_path_factory, tmp_p
         s = run_distill(distill_config(cache=str(world.cache), student=str(world.student), out=str(tmp_path / recipe),
                                        recipe=recipe, lr=1e-3, batch_size=8, max_steps=1, save_every=0, progress=False))
         assert s["steps"] == 1 and all(v == v for v in s["final_losses"].values()), recipe
+    before, after = weights(world.student), weights(tmp_path / "alignti" / "final")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    tower = {k for k in before if "visual." in k and "merger" not in k}
+    assert tower and not changed & tower and any("merger" in k for k in changed)  # --train all: tower frozen
     out = tmp_path / "projector"
     run_distill(distill_config(data=str(world.corpus), image_root=str(world.shapes), student=str(world.student),
                                out=str(out), recipe="sft", train="projector", lr=1e-2, batch_size=8, max_steps=1,

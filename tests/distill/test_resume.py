@@ -1,4 +1,6 @@
-"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log."""
+"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log:
+on the LLaVA world and on one Qwen-VL family (Qwen2.5-VL: M-RoPE ribbon, three image sizes; the
+other two share every line of the loop, so one keeps the suite's time down)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,18 @@ from alignti.distill.checkpoint import list_checkpoints
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from tests.distill.worlds import cli_summary, distill_cli, distill_config, read_log, run_world, weights
+from tests.helpers.families import family_world
 
 TIMING = {"tokens_per_second", "elapsed"}
+# world -> (steps of batch 2 in one epoch, checkpoints kept at the end with save_every 3, keep 2)
+PLANS = {"llava": (12, ["step-6", "step-9"]), "qwen2_5_vl": (8, ["step-3", "step-6"])}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return run_world(tmp_path_factory)
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def world(request, tmp_path_factory):
+    if request.param == "llava":
+        return run_world(tmp_path_factory), PLANS["llava"]
+    return family_world(tmp_path_factory, request.param), PLANS[request.param]
 
 
 def config(world, out: Path, **kw) -> dict:
@@ -42,11 +49,12 @@ def strip_timing(log: list[dict]) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
+    world, (steps, kept) = world
     # Both runs in fresh subprocesses with the same environment (same thread count, so the same
     # floating-point reduction order).
     ref = tmp_path / "ref"
     ref_summary = run_to_end(config(world, ref))
-    assert ref_summary["steps"] == 12  # 24 samples / batch 2
+    assert ref_summary["steps"] == steps  # samples / batch 2
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(distill_cli(**config(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,7 +66,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert list_checkpoints(out) and not (out / "final").exists()
     killed_at = int(list_checkpoints(out)[-1].name.split("-")[1])
-    assert killed_at < 12
+    assert killed_at < steps
 
     # without --resume the existing output is refused; a changed option is refused on resume
     with pytest.raises(AlignTIError, match="already exists"):
@@ -68,11 +76,11 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
 
     summary = run_to_end(config(world, out, resume=True))
     assert summary["resumed_from"].endswith(f"step-{killed_at}")
-    assert summary["steps_this_run"] == 12 - killed_at
+    assert summary["steps_this_run"] == steps - killed_at
     a, b = weights(ref / "final"), weights(out / "final")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the log reads as one run: steps logged after the last checkpoint by the killed run are gone
     assert strip_timing(read_log(out)) == strip_timing(read_log(ref))
-    assert [c.name for c in list_checkpoints(out)] == ["step-6", "step-9"]  # keep_checkpoints=2
+    assert [c.name for c in list_checkpoints(out)] == kept  # keep_checkpoints=2
