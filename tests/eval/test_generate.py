@@ -80,6 +80,40 @@ def test_left_padded_batch_equals_one_question_at_a_time(tiny, tmp_path):
     assert all(t == t.strip() for t in batched)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_left_padded_batch_equals_one_question_at_a_time(tmp_path, family):
+    """M-RoPE under left padding: images of two sizes, and a batch of text-only questions."""
+    from alignti.models.family import get_family
+    from tests.helpers.models import sharpen, tokenizer
+
+    root = _image_root(tmp_path)
+    Image.new("RGB", (80, 48), (0, 0, 255)).save(root / "wide.png")
+    fam = get_family(family)
+    model, parts = fam.build_random(fam.random_spec({"patch": 8}), tokenizer())
+    with torch.no_grad():  # never predict the image token (a real VLM does not; fed back it has no image)
+        sharpen(model).get_output_embeddings().weight[model.config.image_token_id] = 0.0
+    gen = make_generator(model, parts, max_new_tokens=5)
+    mixed = [_q("1", "What colour is the square?", "red.png"),
+             _q("2", "Is there a green triangle in the picture? yes no", None), _q("3", "Describe.", "wide.png")]
+    text = [_q("4", "What?", None), _q("5", "Is there a green triangle in the picture? yes no", None)]
+    for questions in (mixed, text):
+        assert generate_batch(gen, questions, root) == [generate_batch(gen, [q], root)[0] for q in questions]
+    # generate runs M-RoPE: its greedy tokens equal full forwards of the growing sequence, positions the
+    # model's own (without mm_token_type_ids generate would silently number the tokens 1-D)
+    from alignti.models.family import family_of
+    from tests.helpers.families import own_inputs
+
+    for q in (mixed[0], mixed[2]):
+        sample = gen.encoder.encode_prompt(q.question_id, user_turn(q), Image.open(root / q.image).convert("RGB"))
+        inputs = family_of(model.config).generation_inputs(model, collate([sample], gen.pad_id, "left"))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=gen.pad_id)[0]
+            ids = sample.input_ids
+            for _ in range(4):
+                ids = torch.cat([ids, model(**own_inputs(model, ids, sample.images)).logits[0, -1:].argmax(-1)])
+        assert out.tolist() == ids.tolist()
+
+
 def test_repair_tail(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "te')  # killed mid-line
