@@ -27,7 +27,7 @@ from alignti.storage.inspect import InspectConfig, run_inspect
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="alignti")
 def cli() -> None:
-    """Offline Align-TI distillation for LLaVA-style multimodal LLMs."""
+    """Offline Align-TI distillation for multimodal LLMs (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 
 @cli.group()
