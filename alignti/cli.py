@@ -13,7 +13,7 @@ import click
 
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.demo import DemoConfig, run_demo
+from alignti.demo.run import DemoConfig, run_demo
 from alignti.distill.config import DistillConfig
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError

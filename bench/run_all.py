@@ -1,4 +1,4 @@
-"""Run every benchmark and write one JSON with every figure beside its design.md section 6 target.
+"""Run every benchmark and write one JSON with every figure beside its target (bench/README.md).
 
     python bench/run_all.py [--skip-paper-table] [--demo-dir demo-out] [--out bench/results/all.json]
 

@@ -2,7 +2,7 @@
 
 Every distillation term compares a teacher distribution known only through its top-k ids and
 log-probs with the student's full logits. Both are collapsed onto the same k+1 buckets: the k
-teacher ids and one tail bucket holding everything else (design.md section 2):
+teacher ids and one tail bucket holding everything else (docs/method.md):
 
     teacher: p_i = exp(logprob_i),           r = max(0, 1 - sum_i p_i)
     student: log q_i = log_softmax(logits)[id_i],
@@ -33,10 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignti.errors import AlignTIError
-
-DIVERGENCES = ("fkl", "rkl", "jsd")
-TAILS = ("bucket", "renorm")
+from alignti.distill.config import DIVERGENCES, TAILS
 # Teacher mass on padded ids above which the trainer should warn (once).
 PADDED_MASS_WARN = 1e-6
 # Under rkl a bucket the teacher rounds to zero (fp16 cache, a tail clamped at 0) would make
@@ -44,16 +41,23 @@ PADDED_MASS_WARN = 1e-6
 # at this value for rkl only, turning that into a large finite penalty.
 RKL_TEACHER_FLOOR = 1e-10
 _NEG_INF = float("-inf")
+# The LM head as the fused path takes it: hidden rows [c, H] -> logits [c, V].
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_divergence(divergence: str, beta: float, tail: str) -> None:
-    """Raise AlignTIError for an unknown divergence or tail or a beta outside [0, 1]."""
-    if divergence not in DIVERGENCES:
-        raise AlignTIError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if tail not in TAILS:
-        raise AlignTIError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
-    if not 0.0 <= beta <= 1.0:
-        raise AlignTIError(f"jsd beta must be in [0, 1], got {beta}")
+    """ValueError for an unknown divergence or tail or a beta outside [0, 1] (a user's options are
+    checked where they are parsed, `distill.config.LossConfig`; this guards direct callers, once per
+    call, not per chunk)."""
+    if divergence not in DIVERGENCES or tail not in TAILS or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"divergence {divergence!r} (of {DIVERGENCES}), tail {tail!r} (of {TAILS}), beta {beta}")
+
+
+def check_topk_rows(n: int, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> None:
+    """ValueError unless teacher_ids and teacher_logprobs are both [n, k]."""
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
+        raise ValueError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
+                           f"logprobs {tuple(teacher_logprobs.shape)}")
 
 
 def padded_teacher_mass(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -122,6 +126,8 @@ def _divergence(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor, diver
     if divergence == "rkl":
         lp_floor = torch.where(present, lp.clamp_min(math.log(RKL_TEACHER_FLOOR)), 0.0)
         return (q * (lq - lp_floor)).sum(-1)
+    if divergence != "jsd":
+        raise ValueError(f"unknown divergence {divergence!r}")
     if beta <= 0.0 or beta >= 1.0:
         # The mixture equals one side, whose weight is 0: the divergence is exactly 0.
         return (lq * 0.0).sum(-1)
@@ -156,26 +162,30 @@ def topk_kl_rows(
     tail: "bucket" = k+1 buckets with the exact tail (default); "renorm" = teacher top-k
     renormalised to sum 1, the student renormalised over the same ids, the tail ignored.
     """
-    check_divergence(divergence, beta, tail)
     if student_logits.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 \
             or teacher_ids.shape[0] != student_logits.shape[0]:
-        raise AlignTIError(f"top-k KL shapes disagree: logits {tuple(student_logits.shape)}, ids "
+        raise ValueError(f"top-k KL shapes disagree: logits {tuple(student_logits.shape)}, ids "
                            f"{tuple(teacher_ids.shape)}, logprobs {tuple(teacher_logprobs.shape)}")
     logits = student_logits.float()
     ids = teacher_ids.long()
     lps = teacher_logprobs.float()
     valid = (ids >= 0) & (ids < logits.shape[-1])
-    build = _buckets_tail if tail == "bucket" else _buckets_renorm
+    build = {"bucket": _buckets_tail, "renorm": _buckets_renorm}[tail]
     lp, lq, present = build(logits, ids, lps, valid)
     return _divergence(lp, lq, present, divergence, beta)
 
 
-def _chunk_sum(rows_fn: Callable[..., torch.Tensor], src: torch.Tensor, index: torch.Tensor | None,
-               weights: torch.Tensor | None, *row_args: torch.Tensor) -> torch.Tensor:
-    """Sum over one chunk of `weights * rows_fn(rows.float(), *row_args)`; rows = src[index]."""
+def _chunk_sum(rows_fn: Callable[..., torch.Tensor], head: Head | None, src: torch.Tensor,
+               index: torch.Tensor | None, weights: torch.Tensor | None, *row_args: torch.Tensor) -> torch.Tensor:
+    """One chunk's `sum_n weights[n] * rows_fn(logits.float(), *row_args)[n]`: a scalar, or [T]
+    when rows_fn returns [c, T]. rows = src[index]; logits = head(rows) when a head is given."""
     rows = src if index is None else src.index_select(0, index)
-    values = rows_fn(rows.float(), *row_args)
-    return values.sum() if weights is None else (values * weights.float()).sum()
+    # The head runs in its own dtype (and under the caller's autocast), the loss in fp32.
+    logits = rows if head is None else head(rows)  # [c, V]
+    values = rows_fn(logits.float(), *row_args)  # [c] or [c, T]
+    if weights is not None:
+        values = values * weights.float().reshape(-1, *(1,) * (values.dim() - 1))
+    return values.sum(0)
 
 
 def chunked_row_sum(
@@ -186,35 +196,48 @@ def chunked_row_sum(
     row_index: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    head: Head | None = None,
 ) -> torch.Tensor:
-    """fp32 scalar `sum_n weights[n] * rows_fn(logits_row_n [c, V] fp32, *args_n)[n]` by chunks.
+    """fp32 `sum_n weights[n] * rows_fn(logits_row_n [c, V] fp32, *args_n)[n]` by chunks.
 
     logits: [N, V] (or [M, V] with row_index [N] long selecting the N rows: gathered chunk by
     chunk, so no [N, V] copy is ever made); row_args: tensors with N leading rows; weights:
-    [N] or None (1). Each chunk is upcast to fp32 inside a non-reentrant checkpoint, so only
-    one chunk's fp32 graph exists at a time and it is recomputed in backward: peak extra memory
-    O(chunk_size * V). With no rows the result is an fp32 zero still attached to `logits`'s
-    graph (backward gives zero gradients, never NaN).
+    [N] or None (1). rows_fn returns [c] (the result is a scalar) or [c, T] (T sums at once,
+    sharing one pass over the rows). Each chunk is upcast to fp32 inside a non-reentrant
+    checkpoint, so only one chunk's fp32 graph exists at a time and it is recomputed in
+    backward: peak extra memory O(chunk_size * V).
+
+    head (the fused LM head): `logits` is then hidden states [N, H] (or [M, H] with row_index)
+    and each chunk's logits are `head(rows)` [c, V], computed inside the checkpoint and again
+    in backward, so no [N, V] tensor exists in forward or backward whatever N is; the head's
+    parameter gradients accumulate over chunks. head: any function [c, H] -> [c, V], e.g. the
+    model's output-embedding `nn.Linear` (a tied embedding is the same weight).
+
+    With no rows the result is an fp32 zero still attached to the graph of `logits` (and of
+    the head): backward gives zero gradients, never NaN.
     """
     if chunk_size < 1:
-        raise AlignTIError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = logits.shape[0] if row_index is None else row_index.shape[0]
-    total = logits[..., :0].sum().float()  # 0, attached to the graph
     # split() rather than slicing: its backward concatenates the chunk gradients once instead of
     # materialising a full-size zero gradient per chunk.
     pieces = logits.split(chunk_size) if row_index is None else None
-    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    for c, start in enumerate(range(0, n, chunk_size)):
+    use_ckpt = torch.is_grad_enabled() and (logits.requires_grad or head is not None)
+    total: torch.Tensor | None = None
+    # No rows: one empty chunk, so the zero has rows_fn's shape and the graph of logits and head.
+    for c, start in enumerate(range(0, max(n, 1), chunk_size)):
         stop = min(start + chunk_size, n)
         src = pieces[c] if pieces is not None else logits
         index = None if row_index is None else row_index[start:stop]
         w = None if weights is None else weights[start:stop]
         args = tuple(a[start:stop] for a in row_args)
         if use_ckpt:
-            part = checkpoint(_chunk_sum, rows_fn, src, index, w, *args, use_reentrant=False)
+            # Nothing random runs in a chunk: no RNG state to stash (5 KB per chunk on CPU).
+            part = checkpoint(_chunk_sum, rows_fn, head, src, index, w, *args, use_reentrant=False,
+                              preserve_rng_state=False)
         else:
-            part = _chunk_sum(rows_fn, src, index, w, *args)
-        total = total + part
+            part = _chunk_sum(rows_fn, head, src, index, w, *args)
+        total = part if total is None else total + part
     return total
 
 
@@ -229,25 +252,25 @@ def chunked_topk_kl(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_n w_n KL_k(row n), sum_n w_n) in fp32, computed in recomputed chunks.
 
     student_logits: [N, V] (or [M, V] plus row_index [N] long: rows are student_logits[row_index],
-    gathered per chunk); teacher_ids, teacher_logprobs: [N, k]; weights: [N] float or None
+    gathered per chunk), or hidden states [N, H] / [M, H] with `head` applied per chunk (the
+    fused LM head, `chunked_row_sum`); teacher_ids, teacher_logprobs: [N, k]; weights: [N] float or None
     (all 1, so the count is N). Values and gradients equal `topk_kl_rows` summed, up to float
     summation order. The count is the weight sum as an fp32 tensor on the logits' device; the
     loss terms below return exact counts of their own units instead.
     """
     check_divergence(divergence, beta, tail)
     n = student_logits.shape[0] if row_index is None else row_index.shape[0]
-    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
-        raise AlignTIError(f"top-k KL shapes disagree: {n} student rows, ids {tuple(teacher_ids.shape)}, "
-                           f"logprobs {tuple(teacher_logprobs.shape)}")
+    check_topk_rows(n, teacher_ids, teacher_logprobs)
     if weights is not None and weights.shape != (n,):
-        raise AlignTIError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     fn = functools.partial(topk_kl_rows, divergence=divergence, beta=beta, tail=tail)
     total = chunked_row_sum(fn, student_logits, (teacher_ids, teacher_logprobs), row_index=row_index,
-                            weights=weights, chunk_size=chunk_size)
+                            weights=weights, chunk_size=chunk_size, head=head)
     device = student_logits.device
     count = torch.tensor(float(n), device=device) if weights is None else weights.float().sum()
     return total, count

@@ -4,12 +4,14 @@ Every term returns `(sum, count)`: fp32 scalar tensors on the logits' device, `s
 the graph. The training step adds sums and counts over micro-batches (and ranks) and divides
 once by the global count (`combine`), so a mean is exact under gradient accumulation and data
 parallelism whatever the micro-batch sizes (torchtitan's convention). A term with nothing to
-score returns `(0, 0)` with a zero, NaN-free gradient.
+score returns `(0, 0)` with a zero, NaN-free gradient. The row terms take logits rows, or hidden
+rows plus `head=` (the fused LM head: applied per chunk inside the recomputed chunk,
+`kl.chunked_row_sum`).
 
-Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
-- `sft_loss`:  cross-entropy over labelled targets (count: labelled targets).
-- `sft_rows_loss`: the same on pre-gathered rows (count: rows).
+Terms (docs/method.md; the top-k KL itself is in `alignti.distill.kl`):
+- `sft_rows_loss`: cross-entropy of the labelled rows (count: rows).
 - `kd_loss`:   top-k KL at response rows (count: rows).
+- `sft_kd_loss`: both of those in one pass over the response rows.
 - `iva_loss`:  saliency-weighted top-k KL at salient vision rows (count: samples).
 - `iva_attention_loss`: KL(teacher saliency || student attention) (count: samples).
 - `tpa_loss`:  candidate-weighted top-k KL at ribbon candidate rows (count: steps).
@@ -19,14 +21,15 @@ Terms (design.md section 2; the top-k KL itself is in `alignti.distill.kl`):
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from alignti.distill.config import TPA_WEIGHTINGS
-from alignti.distill.kl import chunked_row_sum, chunked_topk_kl
-from alignti.errors import AlignTIError
+from alignti.distill.kl import Head, check_topk_rows, chunked_row_sum, chunked_topk_kl, topk_kl_rows
 
-IGNORE_INDEX = -100
 
 SumCount = tuple[torch.Tensor, torch.Tensor]
 
@@ -40,37 +43,24 @@ def _ce_rows(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(rows, targets, reduction="none")
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> SumCount:
-    """Summed next-token cross-entropy over labelled targets, and their number.
-
-    logits: [B, T, V] any float dtype; labels: [B, T] int, IGNORE_INDEX (-100) where unscored.
-    Logits at position t predict labels[t + 1]. Only labelled rows are gathered, `chunk_size`
-    at a time, upcast to fp32 and recomputed in backward; no [B, T, V] fp32 tensor exists.
-    Costs one host sync (finding the labelled rows). All masked -> (0, 0).
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise AlignTIError(f"sft_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    b, t, v = logits.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # target of each position
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [N] flat positions
-    total = chunked_row_sum(_ce_rows, logits.reshape(b * t, v), (targets[rows],), row_index=rows,
-                            chunk_size=chunk_size)
-    return total, _count(rows.numel(), logits)
-
-
-def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> SumCount:
+def sft_rows_loss(logits_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, *,
+                  row_index: torch.Tensor | None = None, head: Head | None = None) -> SumCount:
     """Summed cross-entropy of pre-selected rows, and their number (the distill step's L_sft).
 
     logits_rows: [N, V] any float dtype, the logits of the positions whose next token is
-    labelled (already gathered, e.g. only the response rows of a ribbon); targets: [N] int, the
-    labelled next tokens. Chunked, upcast to fp32 and recomputed in backward like `sft_loss`;
-    no host sync. N = 0 -> (0, 0) with a zero, NaN-free gradient.
+    labelled (already gathered, e.g. only the response rows of a ribbon), or [M, V] with
+    row_index [N] long selecting them; with `head` (the fused LM head, `kl.chunked_row_sum`)
+    hidden states [N, H] / [M, H] instead. targets: [N] int, the labelled next tokens. Chunked,
+    upcast to fp32 and recomputed in backward (`kl.chunked_row_sum`); no host sync. N = 0 -> (0, 0)
+    with a zero, NaN-free gradient.
     """
-    if logits_rows.dim() != 2 or targets.shape != logits_rows.shape[:1]:
-        raise AlignTIError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
+    n = logits_rows.shape[0] if row_index is None else row_index.shape[0]
+    if logits_rows.dim() != 2 or targets.shape != (n,):
+        raise ValueError(f"sft_rows_loss: logits {tuple(logits_rows.shape)} and targets "
                            f"{tuple(targets.shape)} disagree")
-    total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), chunk_size=chunk_size)
-    return total, _count(targets.shape[0], logits_rows)
+    total = chunked_row_sum(_ce_rows, logits_rows, (targets.long(),), row_index=row_index, chunk_size=chunk_size,
+                            head=head)
+    return total, _count(n, logits_rows)
 
 
 def kd_loss(
@@ -83,16 +73,52 @@ def kd_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over response rows of KL_k(teacher || student), N).
 
     student_logits_rows: [N, V] (or [M, V] with row_index [N] long, e.g. the [B*T, V] view of
-    the full logits and the flat positions of the response rows); teacher_ids,
-    teacher_logprobs: [N, k]. Divergence options as in `kl.topk_kl_rows`.
+    the full logits and the flat positions of the response rows), or hidden states with `head`
+    (as in `sft_rows_loss`); teacher_ids, teacher_logprobs: [N, k]. Divergence options as in
+    `kl.topk_kl_rows`.
     """
     total, _ = chunked_topk_kl(student_logits_rows, teacher_ids, teacher_logprobs, row_index=row_index,
-                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail, head=head)
     return total, _count(teacher_ids.shape[0], student_logits_rows)
+
+
+def _sft_kd_rows(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor,
+                 **div: Any) -> torch.Tensor:
+    """logits [c, V] fp32 -> [c, 2]: cross-entropy and top-k KL of each row."""
+    return torch.stack([_ce_rows(logits, targets), topk_kl_rows(logits, ids, lps, **div)], -1)
+
+
+def sft_kd_loss(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    head: Head | None = None,
+    **div: Any,
+) -> tuple[SumCount, SumCount]:
+    """(`sft_rows_loss`, `kd_loss`) of the same response rows in one pass over them.
+
+    Arguments as in those two; div: divergence, beta, tail as in `kl.topk_kl_rows`. With the
+    fused head this applies the head to each chunk once (and once more in backward) for both
+    terms, instead of once per term.
+    """
+    n = rows.shape[0] if row_index is None else row_index.shape[0]
+    check_topk_rows(n, teacher_ids, teacher_logprobs)
+    if targets.shape != (n,):
+        raise ValueError(f"sft_kd_loss: {n} rows but targets {tuple(targets.shape)}")
+    fn = functools.partial(_sft_kd_rows, **div)
+    total = chunked_row_sum(fn, rows, (targets.long(), teacher_ids, teacher_logprobs), row_index=row_index,
+                            chunk_size=chunk_size, head=head)  # [2]
+    count = _count(n, rows)
+    return (total[0], count), (total[1], count)
 
 
 def iva_weights(
@@ -126,21 +152,23 @@ def iva_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over samples of sum_{v in P} w~_v KL_k(row v), number of samples having rows).
 
     student_rows: [M, V] student logits at the salient vision positions of all samples
-    (or a larger [*, V] with row_index [M]); teacher_ids, teacher_logprobs: [M, k_v];
+    (or a larger [*, V] with row_index [M]), or hidden states with `head` (as in
+    `sft_rows_loss`); teacher_ids, teacher_logprobs: [M, k_v];
     saliency_weights: [M] teacher saliency w at those positions; sample_index: [M] which sample
     each row belongs to, in [0, num_samples). w~ = w renormalised over each sample's rows.
     """
     m = teacher_ids.shape[0]
     if saliency_weights.shape != (m,) or sample_index.shape != (m,):
-        raise AlignTIError(f"iva_loss: {m} rows but saliency {tuple(saliency_weights.shape)}, "
+        raise ValueError(f"iva_loss: {m} rows but saliency {tuple(saliency_weights.shape)}, "
                            f"sample_index {tuple(sample_index.shape)}")
     w_tilde, count = iva_weights(saliency_weights, sample_index, num_samples)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=w_tilde, row_index=row_index,
-                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail)
+                               chunk_size=chunk_size, divergence=divergence, beta=beta, tail=tail, head=head)
     return total, count.to(total.device)
 
 
@@ -153,7 +181,7 @@ def iva_attention_loss(teacher_saliency: torch.Tensor, student_attention: torch.
     the student ignores gives a finite penalty. Pad unused positions with 0 in both.
     """
     if teacher_saliency.shape != student_attention.shape or teacher_saliency.dim() != 2:
-        raise AlignTIError(f"iva_attention_loss: saliency {tuple(teacher_saliency.shape)} and attention "
+        raise ValueError(f"iva_attention_loss: saliency {tuple(teacher_saliency.shape)} and attention "
                            f"{tuple(student_attention.shape)} disagree")
     w = teacher_saliency.float()
     w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -172,7 +200,7 @@ def tpa_weights(cand_logprobs: torch.Tensor, weighting: str = "teacher") -> tupl
     and u is renormalised over the real candidates; a step with none has u = 0 and is not counted.
     """
     if weighting not in TPA_WEIGHTINGS:
-        raise AlignTIError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
+        raise ValueError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
     lp = cand_logprobs.float()
     real = torch.isfinite(lp)
     has_any = real.any(-1, keepdim=True)
@@ -195,21 +223,23 @@ def tpa_loss(
     divergence: str = "fkl",
     beta: float = 0.5,
     tail: str = "bucket",
+    head: Head | None = None,
 ) -> SumCount:
     """(sum over steps t of sum_j u_{t,j} KL_k(row (t, j)), N_c).
 
     student_rows: [N_c*d, V] student logits at the ribbon candidate positions, step-major
-    (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d];
+    (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d], or
+    hidden states with `head` (as in `sft_rows_loss`);
     teacher_ids, teacher_logprobs: [N_c*d, k_t] the teacher's top-k_t of p_T(. | y_<t, a_j);
     cand_logprobs: [N_c, d] log p_T(a_j | y_<t). Weights u from `tpa_weights`.
     """
     n_c, d = cand_logprobs.shape
     if teacher_ids.shape[0] != n_c * d:
-        raise AlignTIError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
+        raise ValueError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
     u, count = tpa_weights(cand_logprobs, weighting)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=u.reshape(-1),
                                row_index=row_index, chunk_size=chunk_size, divergence=divergence, beta=beta,
-                               tail=tail)
+                               tail=tail, head=head)
     return total, count.to(total.device)
 
 
@@ -225,11 +255,11 @@ def combine(
     over every micro-batch of the optimizer step (and every rank), used instead of the local
     count. Summing `total` over micro-batches then gives the exact global mean. Under DDP,
     which averages gradients over ranks, pass global counts divided by the world size (or scale
-    the loss by it). A weighted term that was not computed is an AlignTIError.
+    the loss by it). A weighted term that was not computed is a ValueError.
     """
     missing = [n for n, w in weights.items() if w != 0 and n not in terms]
     if missing:
-        raise AlignTIError(f"loss terms {missing} have non-zero weight but were not computed")
+        raise ValueError(f"loss terms {missing} have non-zero weight but were not computed")
     total: torch.Tensor | None = None
     means: dict[str, torch.Tensor] = {}
     for name, (s, c) in terms.items():
@@ -240,5 +270,5 @@ def combine(
         if w != 0:
             total = w * mean if total is None else total + w * mean
     if total is None:
-        raise AlignTIError("no loss term has a non-zero weight")
+        raise ValueError("no loss term has a non-zero weight")
     return total, means

@@ -3,7 +3,8 @@
 `Objective` is what the trainer prepares with accelerate (DDP wraps it). `forward(batch)` runs the
 student's decoder once (`model.model`: hidden states, no logits) under the run's autocast, applies
 the LM head only to the rows a weighted term needs (response rows for L_sft and L_kd, salient
-vision rows for L_iva, ribbon candidate rows for L_tpa) and returns each term as (sum, count). The
+vision rows for L_iva, ribbon candidate rows for L_tpa), fused into each term's chunked loss, and
+returns each term as (sum, count). The
 attention probe runs in the same forward, at the layers the attention-valued terms need (IVA with
 iva_target=attention, grounding); those student layers are resolved and checked once, at set-up
 (`probe_layers`). The trainer adds the terms over micro-batches and processes and divides once by
@@ -20,7 +21,9 @@ from transformers import PreTrainedModel
 from alignti.distill.batches import DistillBatch
 from alignti.distill.config import LossConfig
 from alignti.distill.kl import padded_teacher_mass
-from alignti.distill.losses import SumCount, iva_attention_loss, iva_loss, kd_loss, sft_rows_loss, tpa_loss
+from alignti.distill.losses import (
+    SumCount, iva_attention_loss, iva_loss, kd_loss, sft_kd_loss, sft_rows_loss, tpa_loss,
+)
 from alignti.errors import AlignTIError
 from alignti.models.family import decoder_hidden, family_of
 from alignti.models.probe import probe_attention
@@ -115,26 +118,28 @@ class Objective(torch.nn.Module):
                                                (self.ground_layer, batch.ground_sample))
                   if layer is not None and samples.numel()]
         hidden, probed = self._hidden(batch, sorted(set(layers)))
-        flat = hidden.reshape(-1, hidden.shape[-1])  # [B * W, H]
-        head = self.family.lm_head(self.model)
+        # [B * W, H]; every term gathers its rows and applies the LM head chunk by chunk inside its
+        # recomputed loss chunk (kl.chunked_row_sum), so no [N, V] logits exist whatever N is.
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        fused = {"head": self.family.lm_head(self.model), **div}
         terms: dict[str, SumCount] = {}
-        if w["sft"] > 0 or w["kd"] > 0:
-            resp = head(flat.index_select(0, batch.resp_rows))  # [N, V]
-            if w["sft"] > 0:
-                terms["sft"] = sft_rows_loss(resp, batch.resp_targets, self.loss_cfg.chunk_size)
-            if w["kd"] > 0:
-                terms["kd"] = kd_loss(resp, batch.kd_ids, batch.kd_logprobs, **div)
+        if w["sft"] > 0 and w["kd"] > 0:  # one head pass over the response rows for both
+            terms["sft"], terms["kd"] = sft_kd_loss(flat, batch.resp_targets, batch.kd_ids, batch.kd_logprobs,
+                                                    row_index=batch.resp_rows, **fused)
+        elif w["sft"] > 0:
+            terms["sft"] = sft_rows_loss(flat, batch.resp_targets, div["chunk_size"], row_index=batch.resp_rows,
+                                         head=fused["head"])
+        elif w["kd"] > 0:
+            terms["kd"] = kd_loss(flat, batch.kd_ids, batch.kd_logprobs, row_index=batch.resp_rows, **fused)
         if attention:
             terms["iva"] = _zero(hidden) if self.iva_layer not in probed else iva_attention_loss(
                 batch.attn_saliency, probed[self.iva_layer].index_select(0, batch.attn_sample))
         elif w["iva"] > 0:
-            rows = head(flat.index_select(0, batch.iva_rows))  # [M, V]
-            terms["iva"] = iva_loss(rows, batch.iva_ids, batch.iva_logprobs, batch.iva_weights, batch.iva_sample,
-                                    batch.num_samples, **div)
+            terms["iva"] = iva_loss(flat, batch.iva_ids, batch.iva_logprobs, batch.iva_weights, batch.iva_sample,
+                                    batch.num_samples, row_index=batch.iva_rows, **fused)
         if w["tpa"] > 0:
-            rows = head(flat.index_select(0, batch.tpa_rows))  # [N_c * d, V]
-            terms["tpa"] = tpa_loss(rows, batch.tpa_ids, batch.tpa_logprobs, batch.tpa_cand_logprobs,
-                                    weighting=self.loss_cfg.tpa_weighting, **div)
+            terms["tpa"] = tpa_loss(flat, batch.tpa_ids, batch.tpa_logprobs, batch.tpa_cand_logprobs,
+                                    weighting=self.loss_cfg.tpa_weighting, row_index=batch.tpa_rows, **fused)
         if self.ground_layer is not None:
             terms["ground"] = _zero(hidden) if self.ground_layer not in probed else iva_attention_loss(
                 batch.ground_target, probed[self.ground_layer].index_select(0, batch.ground_sample))

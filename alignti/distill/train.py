@@ -47,6 +47,7 @@ from alignti.errors import AlignTIError
 from alignti.models.family import ModelParts, family_of, load_parts
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, resolve_device
+from alignti.progress import progress_bar
 from alignti.storage.reader import CacheReader
 
 
@@ -276,8 +277,8 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     vocab = run.model.get_input_embeddings().num_embeddings
     params = [p for p in run.model.parameters() if p.requires_grad]
     plan, plan_epoch, last, warned = [], -1, {}, False
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="distill", unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress))
+    bar = progress_bar(total=run.total_steps, initial=run.start_step, desc="distill", unit="step",
+                       disable=not (main and cfg.progress))
     log = open(Path(cfg.out) / ckpt.LOG, "a", encoding="utf-8") if main else None
     loop_start = time.time()
     for step in range(run.start_step, run.total_steps):

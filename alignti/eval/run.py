@@ -80,9 +80,11 @@ class EvalConfig:
 
 
 def model_id_of(model: str) -> str:
-    """The model's name as LLaVA writes it: the directory name (with its parent for checkpoint-N)."""
+    """The model's name as LLaVA writes it: the directory name (with its parent for checkpoint-N and for
+    `alignti distill`'s OUT/final, so every student is named by its run)."""
     path = Path(model).resolve()
-    return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
+    named_by_parent = path.name.startswith("checkpoint-") or path.name == "final"
+    return f"{path.parent.name}_{path.name}" if named_by_parent else path.name
 
 
 def check_answers_benchmark(records: list[dict], benchmark: str, path: Path) -> None:

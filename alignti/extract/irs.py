@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
@@ -27,6 +26,7 @@ from alignti.extract.irs_score import choose_layer, irs_scores_by_grid
 from alignti.models.family import decoder_hidden, load_parts
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.loading import load_model, resolve_device, resolve_dtype
+from alignti.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id
     layers = list(range(model.config.get_text_config().num_hidden_layers))
     by_grid: dict[tuple, list[torch.Tensor]] = {}
     batches = list(length_grouped(samples, batch_size))
-    for group in tqdm(batches, desc="irs", unit="batch", disable=not progress):
+    for group in progress_bar(batches, desc="irs", unit="batch", disable=not progress):
         batch = collate(group, pad_id).to(model.device, model.dtype)
         queries, keys = probe_targets(batch.samples)
         with probe_attention(model, layers, queries, keys) as probe:
@@ -112,7 +112,7 @@ def run_irs(cfg: IrsConfig) -> dict:
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, parts.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
-    result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}
+    result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Attention probe: instruction-to-vision attention at chosen LM layers, without eager attention.
 
-`alpha_l(x)` (design.md section 2, IRS / IVA) needs the attention probabilities from a few
+`alpha_l(x)` (docs/method.md, IRS / IVA) needs the attention probabilities from a few
 query rows (the instruction tokens) to a few key columns (the vision tokens) at one or a few
 layers. Turning on `output_attentions` would force eager attention everywhere and materialise
 every T x T map. Instead a custom attention function, registered under `PROBE_ATTENTION` in
@@ -240,7 +240,7 @@ class AttentionProbe:
 
         Raw (normalize=False): probabilities averaged over heads and query rows (each row of the
         full softmax sums to 1 over all keys, so these sum to <= 1). normalize=True: L1-normalised
-        over the requested keys, i.e. design.md's alpha_l(x). With keep_graph the tensors carry
+        over the requested keys, i.e. docs/method.md's alpha_l(x). With keep_graph the tensors carry
         gradients.
         """
         missing = [layer for layer in self.layers if layer not in self._request.results]

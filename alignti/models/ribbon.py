@@ -1,6 +1,6 @@
 """The ribbon layout: ground-truth rows and TPA candidate rows from one forward pass.
 
-design.md section 2. For each chosen response step t of a sample (position t, whose next token
+docs/method.md (TPA, ribbon). For each chosen response step t of a sample (position t, whose next token
 y_{t+1} is a ground-truth response token), the d candidate tokens a_{t,1..d} are inserted
 immediately before token t+1. Candidate a_{t,j} gets position id t+1 (that of y_{t+1}) and
 attends to the ground-truth prefix 0..t and to itself only; no other token attends to any
@@ -13,7 +13,7 @@ up by construction. Samples are batched by right padding; padded rows attend to 
 so no row is fully masked (no NaN). The image-token run is never split (candidates go after
 it) and pixel_values pass through unchanged.
 
-Teacher-side shortcut (design.md section 9): a plain forward over the right-padded ground truth
+Teacher-side shortcut: a plain forward over the right-padded ground truth
 with a cache, then `build_candidate_pass` over the candidates alone gives the same rows.
 """
 

@@ -16,10 +16,20 @@ import torch.nn.functional as F
 
 from alignti.distill.config import LossConfig
 from alignti.distill.kl import PADDED_MASS_WARN, chunked_topk_kl, padded_teacher_mass, topk_kl_rows
-from alignti.distill.losses import combine, iva_attention_loss, iva_loss, kd_loss, sft_loss, tpa_loss
+from alignti.data.encode import IGNORE_INDEX
+from alignti.distill.losses import combine, iva_attention_loss, iva_loss, kd_loss, sft_rows_loss, tpa_loss
 from alignti.errors import AlignTIError
 
 DIVS = ("fkl", "rkl", "jsd")
+
+
+def sft_of(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+    """L_sft of [B, T, V] logits and [B, T] labels as the objective computes it: the rows whose next
+    token is labelled, gathered chunk by chunk through row_index, into `sft_rows_loss`."""
+    b, t, v = logits.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    return sft_rows_loss(logits.reshape(b * t, v), targets[rows], chunk_size, row_index=rows)
 
 
 # ----------------------------------------------------------------- float64 references
@@ -248,7 +258,7 @@ def test_sft_matches_reference_chunked_and_unchunked():
     F.cross_entropy(ref_in[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), reduction="sum").backward()
     for chunk in (1, 3, 1024):
         x = logits.clone().requires_grad_()
-        total, count = sft_loss(x, labels, chunk_size=chunk)
+        total, count = sft_of(x, labels, chunk_size=chunk)
         total.backward()
         assert count.item() == len(pairs)
         assert abs(total.item() - expected) < 1e-4
@@ -261,7 +271,7 @@ def test_all_masked_gives_zero_and_no_nan():
     rows = rand(4, v, seed=18).requires_grad_()
     empty_ids, empty_lp = torch.zeros((0, 3), dtype=torch.long), torch.zeros((0, 3))
     terms = {
-        "sft": sft_loss(logits, torch.full((2, 5), -100)),
+        "sft": sft_of(logits, torch.full((2, 5), -100)),
         "kd": kd_loss(rows[:0], empty_ids, empty_lp),
         "iva": iva_loss(rows[:0], empty_ids, empty_lp, torch.zeros(0), torch.zeros(0, dtype=torch.long), 3),
         "tpa": tpa_loss(rows[:0], empty_ids, empty_lp, torch.zeros((0, 2))),
@@ -288,7 +298,7 @@ def test_bf16_inputs_are_computed_in_fp32():
         ref = topk_ref(student.float(), ids, logprobs.bfloat16().float(), divergence).sum()
         assert abs(total.item() - ref) < 1e-5 * max(1.0, abs(ref))
     labels = torch.randint(0, v, (1, n), generator=torch.Generator().manual_seed(3))
-    s, c = sft_loss(student[None], labels)
+    s, c = sft_of(student[None], labels)
     torch.testing.assert_close(s, F.cross_entropy(student[:-1].float(), labels[0, 1:], reduction="sum"))
 
 
@@ -378,7 +388,7 @@ def _micro_batch(seed: int, h: int, v: int):
 
 def _terms(model, mb):
     return {
-        "sft": sft_loss(model(mb["x_sft"]), mb["labels"], chunk_size=4),
+        "sft": sft_of(model(mb["x_sft"]), mb["labels"], chunk_size=4),
         "kd": kd_loss(model(mb["x_kd"]), *mb["kd"], chunk_size=3),
         "iva": iva_loss(model(mb["x_iva"]), *mb["iva"], mb["w"], mb["sample"], mb["n_s"], chunk_size=2),
         "tpa": tpa_loss(model(mb["x_tpa"]), *mb["tpa"], mb["cand"], chunk_size=3),
@@ -444,5 +454,5 @@ def test_loss_config_recipes_and_overrides():
         LossConfig(bogus=1)
     with pytest.raises(AlignTIError):
         LossConfig("sft", sft_weight=0.0)
-    with pytest.raises(AlignTIError):
+    with pytest.raises(ValueError):  # an internal invariant: a weighted term the objective did not compute
         combine({"sft": (torch.tensor(1.0), torch.tensor(1.0))}, {"sft": 1.0, "kd": 1.0})

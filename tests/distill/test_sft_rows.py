@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from alignti.distill.losses import IGNORE_INDEX, sft_loss, sft_rows_loss
-from alignti.errors import AlignTIError
+from alignti.data.encode import IGNORE_INDEX
+from alignti.distill.losses import sft_rows_loss
 
 
-def test_matches_float64_reference_and_sft_loss():
+def test_matches_float64_reference_gathered_or_indexed():
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(2, 7, 11, generator=g) * 3).requires_grad_()
     labels = torch.randint(0, 11, (2, 7), generator=g)
@@ -20,8 +20,10 @@ def test_matches_float64_reference_and_sft_loss():
     ref = -torch.log_softmax(picked.detach().double(), -1).gather(1, targets[:, None]).sum()
     assert float(count) == rows.shape[0] == 9
     assert float(total.detach()) == pytest.approx(float(ref), rel=1e-6)
-    full_total, full_count = sft_loss(logits, labels, chunk_size=4)
-    assert float(full_count) == float(count) and float(full_total) == pytest.approx(float(total), rel=1e-6)
+    flat = (rows[:, 0] * logits.shape[1] + rows[:, 1])  # the same rows, gathered chunk by chunk
+    idx_total, idx_count = sft_rows_loss(logits.reshape(-1, 11), targets, chunk_size=4, row_index=flat)
+    assert float(idx_count) == float(count) and float(idx_total.detach()) == pytest.approx(float(total.detach()),
+                                                                                          rel=1e-6)
     (grad,) = torch.autograd.grad(total, logits)
     ref_logits = logits.detach().double().requires_grad_()
     ref_rows = ref_logits[rows[:, 0], rows[:, 1]]
@@ -47,5 +49,5 @@ def test_empty_rows_give_zero_and_no_nan():
 
 
 def test_shape_mismatch_is_refused():
-    with pytest.raises(AlignTIError, match="disagree"):
+    with pytest.raises(ValueError, match="disagree"):
         sft_rows_loss(torch.zeros(3, 5), torch.zeros(2, dtype=torch.long))

@@ -9,7 +9,7 @@ from alignti.models.loading import load_model
 from alignti.models.family import save_model_dir
 from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
-from alignti.models.tower import copy_tower, patch_labels, pretrain_tower, shapes_tower_data
+from alignti.demo.tower import copy_tower, patch_labels, pretrain_tower, shapes_tower_data
 
 
 def test_patch_labels_by_hand():
