@@ -12,6 +12,8 @@ import torch
 from alignti.data.batching import collate
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
+from alignti.errors import AlignTIError
+from alignti.extract.irs import check_calibration
 from alignti.extract.teacher import HfTeacher
 from alignti.models.family import load_parts
 from alignti.models.loading import load_model
@@ -107,3 +109,14 @@ def test_one_batch_of_three_image_sizes_equals_the_cache(setup):
         for name in ("topk_logprobs", "tpa_cand_logprobs", "tpa_topk_logprobs", "iva_topk_logprobs"):
             np.testing.assert_allclose(getattr(sig, name), getattr(ref, name), atol=1.01 * LOGPROB_STEP + 1e-5)
         np.testing.assert_allclose(sig.saliency, ref.saliency, atol=1e-3)
+
+
+def test_irs_refuses_calibration_without_two_images_of_one_grid(setup):
+    world, _, _, samples, _, _ = setup
+    one_per_grid = list({s.images.grids[0]: s for s in samples}.values())
+    check_calibration(samples, "hint")
+    if world.family == "llava":
+        return  # one grid: any two samples pair
+    with pytest.raises(AlignTIError, match=r"^IRS needs >= 2 usable samples with images of the same vision-token "
+                                           r"grid, found 3 samples over 3 grid\(s\); hint$"):
+        check_calibration(one_per_grid, "hint")
