@@ -132,7 +132,8 @@ def build_processor(
     )
 
 
-def build_tiny_llava(spec: TinySpec, tokenizer: PreTrainedTokenizerBase) -> tuple[LlavaForConditionalGeneration, ModelParts]:
+def build_tiny_llava(spec: TinySpec, tokenizer: PreTrainedTokenizerBase
+                     ) -> tuple[LlavaForConditionalGeneration, ModelParts]:
     """Random-weight tiny LLaVA model (fp32, eval mode) and its parts (`parts.settings["processor"]`)."""
     config = tiny_llava_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
@@ -200,8 +201,10 @@ class LlavaFamily(Family):
         try:
             image_processor = AutoImageProcessor.from_pretrained(root, backend="pil")
         except (OSError, ValueError) as e:
-            raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {' '.join(str(e).split())}") from None
-        h, w = (int(x) for x in image_processor(Image.new("RGB", (61, 37)), return_tensors="pt")["pixel_values"].shape[-2:])
+            raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {' '.join(str(e).split())}"
+                               ) from None
+        pixels = image_processor(Image.new("RGB", (61, 37)), return_tensors="pt")["pixel_values"]
+        h, w = (int(x) for x in pixels.shape[-2:])
         return {"size": [h, w], **expansion}, _grid(expansion, h, w)[1]
 
     def random_spec(self, sizes: dict[str, Any]) -> TinySpec:

@@ -74,7 +74,8 @@ class QwenVLFamily(Family):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         except (OSError, ValueError) as e:
-            raise AlignTIError(f"cannot load the tokenizer and image processor of {str(path)!r}: {_one_line(e)}") from None
+            raise AlignTIError(f"cannot load the tokenizer and image processor of {str(path)!r}: {_one_line(e)}"
+                               ) from None
         return self.parts_of(tokenizer, image_processor, saved_chat_template(path) or tokenizer.chat_template)
 
     def parts_of(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, template: str | None) -> ModelParts:
@@ -82,7 +83,8 @@ class QwenVLFamily(Family):
         if image_token not in tokenizer.get_vocab():
             raise AlignTIError(f"the tokenizer has no image token {image_token!r} (not a Qwen-VL tokenizer)")
         tokenizer.chat_template = template  # saved with the tokenizer (chat_template.jinja)
-        return ModelParts(self, tokenizer, image_processor, template, image_token, {"merge": image_processor.merge_size})
+        return ModelParts(self, tokenizer, image_processor, template, image_token,
+                          {"merge": image_processor.merge_size})
 
     def encode_images(self, parts: ModelParts, images: Sequence[Image.Image]) -> ImageInputs:
         out = parts.image_processor(images=list(images), return_tensors="pt")
@@ -102,7 +104,8 @@ class QwenVLFamily(Family):
         """Tokenizer (with chat_template.jinja) and processor_config.json (image + video processor)."""
         parts.tokenizer.save_pretrained(out)
         settings = parts.image_processor.to_dict()
-        video = {**{k: settings[k] for k in _VIDEO_KEYS if k in settings}, "video_processor_type": _VIDEO_PROCESSORS[self.name]}
+        video = {**{k: settings[k] for k in _VIDEO_KEYS if k in settings},
+                 "video_processor_type": _VIDEO_PROCESSORS[self.name]}
         processor = {"image_processor": settings, "processor_class": _PROCESSORS[self.name], "video_processor": video}
         (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
 
