@@ -90,8 +90,8 @@ def test_other_resolution_settings_refuse_iva_and_keep_kd(tmp_path_factory, tmp_
     base = dict(cache=str(world.cache), student=str(other), lr=1e-3, batch_size=4, max_steps=1, save_every=0,
                 progress=False)
     with pytest.raises(AlignTIError, match=r"^IVA needs the student's vision-token count to equal the teacher's: "
-                                           rf"sample [0-9a-f]{{32}} \(source 'shapes-\d+'\) has n_v=16 in the cache, "
-                                           rf"the student gives its image 9; use --iva-weight 0"):
+                                           r"sample [0-9a-f]{32} \(source 'shapes-\d+'\) has n_v=16 in the cache, "
+                                           r"the student gives its image 9; use --iva-weight 0"):
         run_distill(distill_config(out=str(tmp_path / "iva"), recipe="alignti", **base))
     assert not (tmp_path / "iva").exists()
     model, parts, examples, reader = _student(world, other)
