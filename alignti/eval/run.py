@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
@@ -21,6 +22,8 @@ from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.family import load_parts
 from alignti.models.loading import DTYPES, load_model, resolve_device, resolve_dtype
 from alignti.storage.files import write_json_atomic
+
+RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
-        return build_report(cfg.dirs, cfg.out)
+        report = build_report(cfg.dirs, cfg.out)
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
+        return report
     start = time.time()
     questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
     questions = questions[:cfg.limit] if cfg.limit else questions
@@ -145,6 +150,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         # MMBench's test TSV has no answers: the answers file is the product (for its server).
         print(f"answers written to {cfg.answers_path}; this {cfg.benchmark} file has no ground truth, "
               "so nothing is scored (MMBench test: submit the answers to its evaluation server)")
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
         return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
                 "n_questions": len(questions), "generated": generated}
     answers = load_answers(cfg.answers_path)
@@ -159,5 +165,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     })
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
+    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     print(scores_table(result))
     return result

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.extract.irs_score import choose_layer, irs_scores_by_grid
 from alignti.models.family import decoder_hidden, load_parts
@@ -36,12 +37,17 @@ class IrsConfig:
     teacher: str = field(metadata={"help": "teacher model directory"})
     data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
     image_root: str = field(metadata={"help": "directory image paths are relative to"})
-    out: str = field(default="irs.json", metadata={"help": "output JSON (a .png plot is written beside it)"})
+    out: str = field(default="irs.json", metadata={
+        "help": "output JSON (a .png plot and the run's options as .yaml are written beside it)"})
     samples: int = field(default=256, metadata={"help": "calibration samples (with images)"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+
+    def __post_init__(self) -> None:
+        if Path(self.out).suffix in (".png", ".yaml"):
+            raise AlignTIError(f"--out {self.out!r}: the .png and .yaml files are written beside it; name it .json")
 
 
 def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[EncodedSample]:
@@ -117,5 +123,6 @@ def run_irs(cfg: IrsConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot_irs(result["scores"], chosen, out.with_suffix(".png"))
+    write_run_file(cfg, out.with_suffix(".yaml"), "irs")
     return result
 
