@@ -268,15 +268,16 @@ def saved_dtype(student: str | Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
-def save_final(model: torch.nn.Module, processor: Any, out: str | Path, dtype: torch.dtype) -> Path:
-    """`save_pretrained` model (in `dtype`) + processor into OUT/final, via a temp dir + rename."""
+def save_final(model: torch.nn.Module, parts: Any, out: str | Path, dtype: torch.dtype) -> Path:
+    """`save_pretrained` model (in `dtype`) + its parts (`ModelParts`: tokenizer, processor files) into
+    OUT/final, via a temp dir + rename."""
     final = Path(out) / FINAL
     tmp = Path(out) / f".tmp-{FINAL}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.to(dtype)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    parts.save(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -110,7 +110,7 @@ def _resumable(**meta: Any) -> dict[str, Any]:
 class DistillConfig:
     """`alignti distill` options; field names are CLI option names (`_` -> `-`)."""
 
-    student: str = field(metadata={"help": "student model directory (LLaVA-style, loadable with the Auto classes)"})
+    student: str = field(metadata={"help": "student model directory (LLaVA or Qwen-VL, loadable with the Auto classes)"})
     out: str = field(metadata={"help": "output directory: log.jsonl, checkpoints/, final/ (the trained student)"})
     cache: str | None = field(default=None, metadata={"help": "teacher-signal cache from `alignti extract`"})
     data: str | None = field(default=None, metadata={

@@ -17,7 +17,9 @@ import torch
 
 
 def nbytes(obj: Any) -> int:
-    """Bytes of the tensors and arrays an example holds (through nested dataclass fields)."""
+    """Bytes of the tensors and arrays an example holds (through nested dataclass fields and dicts)."""
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):

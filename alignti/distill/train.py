@@ -49,13 +49,11 @@ from alignti.distill.order import lr_factor
 from alignti.distill.plot import plot_log
 from alignti.cliargs import options, write_run_file
 from alignti.errors import AlignTIError
+from alignti.models.family import ModelParts, family_of, load_parts
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor, resolve_device
+from alignti.models.loading import load_model, resolve_device
 from alignti.progress import progress_bar
 from alignti.storage.reader import CacheReader
-
-PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector")
-VISION_KEYS = ("vision_tower", "vision_model")
 
 
 # ---------------------------------------------------------------- setup
@@ -87,10 +85,10 @@ def open_cache(cfg: DistillConfig, student_fp: dict) -> CacheReader | None:
     return reader
 
 
-def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[ExampleSet, list]:
+def load_examples(cfg: DistillConfig, reader: CacheReader | None, parts: ModelParts) -> tuple[ExampleSet, list]:
     """(examples, rejects): cached samples joined with the student's encoding, or a corpus; lazy
     (each micro-batch is encoded and its signals read when the loop reaches it)."""
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     examples, rejects = corpus_examples(cfg.data, encoder) if reader is None else cache_examples(reader, encoder,
                                                                                                  cfg.data)
     examples.keep_in_memory(cfg.example_memory_mb * 2**20)
@@ -98,11 +96,12 @@ def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any
 
 
 def freeze(model: torch.nn.Module, train: str) -> list[str]:
-    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params."""
+    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params.
+    The model's family says which parameters are the tower and the projector (Qwen-VL: the merger)."""
     names = []
+    family = family_of(model.config)
     for name, p in model.named_parameters():
-        part = ("vision" if any(k in name for k in VISION_KEYS)
-                else "projector" if any(k in name for k in PROJECTOR_KEYS) else "llm")
+        part = family.part_of(name)
         p.requires_grad_(train == "full" or (part != "vision" and train in (part, "all")))
         if p.requires_grad:
             names.append(name)
@@ -180,7 +179,7 @@ class Run:
     loss_cfg: LossConfig
     weights: dict[str, float]
     student_fp: dict
-    processor: Any
+    parts: ModelParts  # the student's tokenizer, image processor, template (saved with the final model)
     examples: ExampleSet  # built a window of micro-batches at a time (loader.py), never all at once
     rejects: list
     model: torch.nn.Module  # the student itself (not DDP-wrapped; under FSDP its layers are sharded)
@@ -208,7 +207,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
     full = sharding.full_model_state(run.model) if run.fsdp else None  # collective
     if acc.is_main_process:
         model = sharding.unsharded_copy(cfg.student, full) if run.fsdp else run.model
-        final = ckpt.save_final(model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
+        final = ckpt.save_final(model, run.parts, cfg.out, ckpt.saved_dtype(cfg.student))
         plot_log(cfg.out)
     acc.wait_for_everyone()
     acc.end_training()  # closes the tracker run
@@ -243,12 +242,12 @@ def setup_run(cfg: DistillConfig) -> Run:
     teacher = reader.manifest if reader is not None else None
     layers = probe_layers(loss_cfg, student_fp["num_hidden_layers"], teacher and teacher.settings.iva_layer,
                           teacher and teacher.teacher_fingerprint.get("num_hidden_layers"))
-    processor = load_processor(cfg.student)
-    examples, rejects = load_examples(cfg, reader, processor)
+    parts = load_parts(cfg.student)
+    examples, rejects = load_examples(cfg, reader, parts)
     if not examples:
         raise AlignTIError(f"no usable samples ({len(rejects)} rejected)")
     if weights["iva"] > 0:
-        check_iva_compatible(examples, student_fp["n_vision_tokens"])
+        check_iva_compatible(examples)
     acc = make_accelerator(cfg, find_unused=examples.has_text_only)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     per_step = cfg.grad_accum * acc.num_processes
@@ -268,7 +267,7 @@ def setup_run(cfg: DistillConfig) -> Run:
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio))
     if fsdp is None:
         objective, optimizer = acc.prepare(objective, optimizer)
-    run = Run(cfg, acc, loss_cfg, weights, student_fp, processor, examples, rejects, model, objective, optimizer,
+    run = Run(cfg, acc, loss_cfg, weights, student_fp, parts, examples, rejects, model, objective, optimizer,
               scheduler, per_step, steps_per_epoch, total_steps, int(state.get("step", 0)),
               float(state.get("train_seconds", 0.0)), resume_from, fsdp is not None)
     if resume_from:
@@ -296,7 +295,7 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     cfg, acc = run.cfg, run.acc
     main = acc.is_main_process
     vocab = run.model.get_input_embeddings().num_embeddings
-    builder = window_builder(run.examples, run.processor.tokenizer.pad_token_id, run.model.config.image_token_id,
+    builder = window_builder(run.examples, run.parts.tokenizer.pad_token_id, run.model.config.image_token_id,
                              run.loss_cfg, vocab)
     plan = step_plan(run.examples.lengths, cfg, run.per_step, run.steps_per_epoch,
                      range(run.start_step, run.total_steps), acc.process_index, acc.num_processes, even=run.fsdp)

@@ -5,7 +5,8 @@ FSDP run checkpoints, resumes bit for bit and saves a student the Auto classes l
 Note: in accelerate 1.x `accelerate launch --cpu --num_processes 2` starts ONE process (the
 `--cpu` path is the single-process launcher unless MPI is configured). A multi-GPU or FSDP config
 on a machine without GPUs runs torchrun with 2 processes, and `Accelerator(cpu=True)` then forms a
-gloo process group, which is what these tests use.
+gloo process group, which is what these tests use. DDP runs on the LLaVA world and on Qwen2.5-VL
+(the family adapter's positions and images under DDP); FSDP on the LLaVA world.
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ from transformers import AutoModelForImageTextToText
 from alignti.distill import sharding, train
 from alignti.errors import AlignTIError
 from tests.distill.worlds import cli_summary, distill_cli, distill_config, generate_once, read_log, run_world, weights
+from tests.helpers.families import family_world
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 TIMING = {"tokens_per_second", "elapsed"}
+# world -> (batch size, epochs, optimizer steps): 24 samples in 5 micro-batches of 5 / 16 in 3 of 6 per
+# epoch, 2 per step, so the last step of each epoch has one micro-batch and the second process runs a
+# zero-weighted one (live=False)
+PLANS = {"llava": (5, 2, 6), "qwen2_5_vl": (6, 1, 2)}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return run_world(tmp_path_factory)
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def world(request, tmp_path_factory):
+    if request.param == "llava":
+        return request.param, run_world(tmp_path_factory), PLANS["llava"]
+    return request.param, family_world(tmp_path_factory, request.param), PLANS[request.param]
 
 
 def free_port() -> int:
@@ -49,10 +57,9 @@ def summary_of(done: subprocess.CompletedProcess) -> dict:
 
 
 def base(world) -> dict:
-    # batch 5 over 24 samples: 5 micro-batches per epoch, 2 per step -> the last step of each
-    # epoch has one micro-batch, so the second process runs a zero-weighted one (live=False).
-    return dict(cache=str(world.cache), student=str(world.student), recipe="alignti", lr=2e-3, warmup_steps=1,
-                batch_size=5, epochs=2, save_every=0, progress=False, device="cpu", seed=3)
+    _, w, (batch_size, epochs, _) = world
+    return dict(cache=str(w.cache), student=str(w.student), recipe="alignti", lr=2e-3, warmup_steps=1,
+                batch_size=batch_size, epochs=epochs, save_every=0, progress=False, device="cpu", seed=3)
 
 
 def launch(config: str, **options) -> dict:
@@ -67,7 +74,7 @@ def one_process(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one-process") / "one"
     one = summary_of(subprocess.run(distill_cli(**base(world), out=str(out), grad_accum=2), env=ENV,
                                     capture_output=True, text=True, timeout=300))
-    assert one["processes"] == 1 and one["steps"] == 6
+    assert one["processes"] == 1 and one["steps"] == world[2][2]
     return out
 
 
@@ -90,14 +97,17 @@ def assert_equal_within_fp32(one: Path, two: Path, start: dict) -> None:
 @pytest.mark.timeout(400)
 def test_two_ddp_processes_equal_one_with_double_accumulation(world, one_process, tmp_path):
     two = launch("ddp.yaml", **base(world), out=str(tmp_path / "two"), num_workers=1)
-    assert two["processes"] == 2 and two["steps"] == 6
-    assert_equal_within_fp32(one_process, tmp_path / "two", weights(world.student))
+    assert two["processes"] == 2 and two["steps"] == world[2][2]
+    assert_equal_within_fp32(one_process, tmp_path / "two", weights(world[1].student))
 
 
 @pytest.mark.timeout(600)
 def test_fsdp_trains_like_one_process_checkpoints_resumes_and_saves(world, one_process, tmp_path):
+    if world[0] != "llava":
+        pytest.skip("FSDP wraps the decoder layers whatever the family: checked on the LLaVA world")
+    world = world[1]
     out = tmp_path / "fsdp"
-    options = dict(base(world), out=str(out), save_every=3, keep_checkpoints=0)
+    options = dict(base(("llava", world, PLANS["llava"])), out=str(out), save_every=3, keep_checkpoints=0)
     two = launch("fsdp.yaml", **options)
     assert two["processes"] == 2 and two["steps"] == 6
     assert_equal_within_fp32(one_process, out, weights(world.student))
@@ -126,6 +136,8 @@ def test_fsdp_trains_like_one_process_checkpoints_resumes_and_saves(world, one_p
 
 
 def test_launch_settings_refuse_what_the_loop_does_not_do(world, tmp_path, monkeypatch):
+    if world[0] != "llava":
+        pytest.skip("family-independent")
     fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     assert sharding.launch_sharding({}) is None
     assert sharding.launch_sharding(fsdp) == sharding.FsdpSettings(reshard_after_forward=True)
