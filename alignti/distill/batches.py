@@ -300,8 +300,8 @@ def to_device(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
             return v.to(dev)
         if isinstance(v, tuple):  # per-sample tensors (probe positions) or strings (sample ids)
             return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in v)
-        if isinstance(v, dict):  # the model's image inputs
-            return {k: x.to(dev) for k, x in v.items()}
+        if isinstance(v, dict):  # the model's image inputs (tensors); the term counts (floats) stay
+            return {k: x.to(dev) if isinstance(x, torch.Tensor) else x for k, x in v.items()}
         return v
 
     return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})

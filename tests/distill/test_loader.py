@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignti.data.encode import SampleEncoder
 from alignti.distill import loader, memo, train
 from alignti.distill.config import LossConfig
 from alignti.distill.examples import cache_examples
@@ -54,6 +53,10 @@ def assert_same_batches(a, b) -> None:
                     assert torch.equal(u, v), name
                 elif isinstance(u, tuple) and u and isinstance(u[0], torch.Tensor):
                     assert all(torch.equal(p, q) for p, q in zip(u, v, strict=True)), name
+                elif isinstance(u, dict):  # the image inputs (tensors), the term counts (floats)
+                    assert u.keys() == v.keys(), name
+                    assert all(torch.equal(u[k], v[k]) if isinstance(u[k], torch.Tensor) else u[k] == v[k]
+                               for k in u), name
                 else:
                     assert u == v, name
 
