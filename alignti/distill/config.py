@@ -111,7 +111,7 @@ def _resumable(**meta: Any) -> dict[str, Any]:
 class DistillConfig:
     """`alignti distill` options; field names are CLI option names (`_` -> `-`)."""
 
-    student: str = field(metadata={"help": "student model directory (LLaVA-style, loadable with the Auto classes)"})
+    student: str = field(metadata={"help": "student model directory (LLaVA or Qwen-VL, loadable with the Auto classes)"})
     out: str = field(metadata={"help": "output directory: log.jsonl, checkpoints/, final/ (the trained student)"})
     cache: str | None = field(default=None, metadata={"help": "teacher-signal cache from `alignti extract`"})
     data: str | None = field(default=None, metadata={
@@ -134,6 +134,10 @@ class DistillConfig:
     example_memory_mb: int = field(default=512, metadata=_resumable(
         help="keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so later "
              "epochs skip decoding and cache reads (0 = off)"))
+    num_workers: int | None = field(default=None, metadata=_resumable(
+        help="DataLoader worker processes per training process that build the coming micro-batches (image "
+             "decode, tokenisation, cache reads, assembly) while the model trains; 0 = in the training process "
+             "[default: 2 on GPU, 0 on CPU, where the step's threads already use every core]"))
     adam_beta2: float = field(default=0.999, metadata={
         "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -176,7 +180,8 @@ class DistillConfig:
         check_min(1, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
                   max_length=self.max_length, log_every=self.log_every, max_steps=self.max_steps)
         check_min(0, warmup_steps=self.warmup_steps, example_memory_mb=self.example_memory_mb,
-                  save_every=self.save_every, keep_checkpoints=self.keep_checkpoints, seed=self.seed)
+                  num_workers=self.num_workers, save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
+                  seed=self.seed)
         if self.seed >= 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
             raise AlignTIError(f"--seed must be < 2**32, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):

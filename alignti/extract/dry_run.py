@@ -33,7 +33,6 @@ from typing import Any
 
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import Reject
-from alignti.data.encode import EncodedSample
 from alignti.extract.run import ExtractConfig, load_teacher, parse_worker, signal_backend, worker_rows
 from alignti.storage.parts import PartInfo, part_name, publish_part, seal_dir
 from alignti.storage.schema import SampleSignals

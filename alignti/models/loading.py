@@ -1,7 +1,8 @@
-"""Load a LLaVA-style model and its processor from a local directory, the same way everywhere.
+"""Load a vision-language model from a local directory, the same way everywhere.
 
-Extraction, distillation and evaluation all go through these two functions so teacher and
-student see identical pixels (PIL image backend) and identical tokenisation.
+Extraction, distillation and evaluation all load models here and their tokenisation and image
+parts with `alignti.models.family.load_parts`, so teacher and student see identical pixels (PIL
+image backend) and identical tokenisation.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from alignti.errors import AlignTIError
 from alignti.models.devices import DTYPE_NAMES, check_device, check_dtype
@@ -68,13 +67,6 @@ def _refusals(p: Path) -> Iterator[None]:
         raise
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
-    """The model's processor with the PIL image backend."""
-    p = _check_dir(path, "model")
-    with _refusals(p):
-        return AutoProcessor.from_pretrained(p, backend="pil", trust_remote_code=trust_remote_code)
-
-
 def load_model(
     path: str | Path,
     device: str = "cpu",
@@ -83,7 +75,7 @@ def load_model(
     trust_remote_code: bool = False,
     text_layers: int | None = None,
 ) -> PreTrainedModel:
-    """The LLaVA-style model in eval mode on `device`.
+    """The model in eval mode on `device`.
 
     `text_layers` keeps only the first N decoder layers of the LM (weights of the others are
     never loaded): the vLLM backend's saliency model needs the layers up to the IVA layer only.
