@@ -122,7 +122,7 @@ def test_inputs_and_output_are_checked_before_any_work(world, tmp_path, monkeypa
 
     run_extract(cfg(world, tmp_path / "existing", iva_layer="none", limit=2))
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("teacher loaded before the check"))
-    monkeypatch.setattr(run, "load_processor", lambda *a, **k: pytest.fail("teacher loaded before the check"))
+    monkeypatch.setattr(run, "load_parts", lambda *a, **k: pytest.fail("teacher loaded before the check"))
     (tmp_path / "a-file").write_text("x")
     for kw, message in [(dict(data=str(tmp_path / "missing.json")), "corpus file .*missing.json' does not exist"),
                         (dict(data=str(tmp_path)), "is not a file"),
