@@ -116,6 +116,15 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group (`alignti data`): its help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # bad choice, not a number, missing option: one line like ours
+        names, ctx = [], exc.ctx
+        while ctx is not None and ctx.parent is not None:  # the subcommand's path, without the program name
+            names, ctx = [ctx.info_name, *names], ctx.parent
+        click.echo(f"alignti: error: {' '.join(names) + ': ' if names else ''}{exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -12,3 +12,11 @@ class AlignTIError(Exception):
     """Bad configuration or input: reported as one line, exit code 2, nothing touched."""
 
     exit_code = 2
+
+
+def check_min(minimum: int, **options: int | float | None) -> None:
+    """An AlignTIError naming every option (a config field name) below `minimum`; None is an option
+    left unset, which is fine."""
+    bad = [f"--{name.replace('_', '-')} {v}" for name, v in options.items() if v is not None and v < minimum]
+    if bad:
+        raise AlignTIError(f"must be >= {minimum}: {', '.join(bad)}")

@@ -78,41 +78,68 @@ def parse_row(obj: object, fallback_id: str) -> CorpusRow | Reject:
     return CorpusRow(source_id=source_id, image=image, turns=tuple(turns), extra=extra)
 
 
-def read_corpus(path: str | Path) -> Iterator[CorpusRow | Reject]:
-    """Stream rows from a JSON list or a JSONL file; a malformed JSONL line is a Reject."""
+def _head(p: Path) -> bytes:
+    with p.open("rb") as fh:
+        return fh.read(64).lstrip()
+
+
+def check_corpus(path: str | Path, option: str = "--data") -> Path:
+    """`path` as a Path if it is a readable file that starts like a JSON list or JSONL; else an
+    AlignTIError. Cheap (reads a few bytes): commands call it before any work or write."""
     p = Path(path)
     if not p.is_file():
-        raise AlignTIError(f"corpus file {str(p)!r} does not exist")
-    with p.open("rb") as fh:
-        head = fh.read(64).lstrip()
-    if head.startswith(b"["):
+        raise AlignTIError(f"{option}: corpus file {str(p)!r} {'is not a file' if p.exists() else 'does not exist'}")
+    try:
+        head = _head(p)
+    except OSError as e:
+        raise AlignTIError(f"{option}: cannot read corpus file {str(p)!r}: {e.strerror}") from None
+    if head and head[:1] not in (b"[", b"{"):
+        raise AlignTIError(f"{option}: {str(p)!r} is not a LLaVA JSON or JSONL corpus (it starts with {head[:12]!r})")
+    return p
+
+
+def read_corpus(path: str | Path) -> Iterator[CorpusRow | Reject]:
+    """Stream rows from a JSON list or a JSONL file; a malformed JSONL line is a Reject."""
+    p = check_corpus(path)
+    if _head(p).startswith(b"["):
         try:
             items = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AlignTIError(f"corpus {str(p)!r} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AlignTIError(f"corpus {str(p)!r} is not valid UTF-8 JSON: {exc}") from None
         for i, obj in enumerate(items):
             yield parse_row(obj, f"row-{i}")
         return
-    with p.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
+    with p.open("rb") as fh:
+        for i, raw in enumerate(fh):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                yield Reject(f"line-{i + 1}", MALFORMED_ROW, "line is not valid JSON")
+                obj = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield Reject(f"line-{i + 1}", MALFORMED_ROW, "line is not valid UTF-8 JSON")
                 continue
             yield parse_row(obj, f"line-{i + 1}")
+
+
+def check_image_root(path: str | Path, option: str = "--image-root") -> Path:
+    """`path` as a Path if it is a directory; else an AlignTIError (every image would be missing)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise AlignTIError(f"{option} {str(p)!r} {'is not a directory' if p.exists() else 'does not exist'}")
+    return p
 
 
 def resolve_image_path(image_root: str | Path, rel: str) -> Path | Reject:
     """`rel` resolved under `image_root`; anything escaping the root (.., absolute, symlink) is rejected."""
     root = Path(image_root).resolve()
-    candidate = (root / rel).resolve()
-    if candidate != root and root not in candidate.parents:
-        return Reject("", PATH_OUTSIDE_ROOT, f"{rel!r} resolves outside the image root")
-    if not candidate.is_file():
-        return Reject("", MISSING_IMAGE, f"{rel!r} not found")
+    try:  # a NUL byte (ValueError) or an over-long name (OSError) is a bad path like any other
+        candidate = (root / rel).resolve()
+        if candidate != root and root not in candidate.parents:
+            return Reject("", PATH_OUTSIDE_ROOT, f"{rel!r} resolves outside the image root")
+        if not candidate.is_file():
+            return Reject("", MISSING_IMAGE, f"{rel!r} not found")
+    except (ValueError, OSError) as e:
+        return Reject("", MISSING_IMAGE, f"{rel!r} is not a usable path ({e.strerror if isinstance(e, OSError) else e})")
     return candidate
 
 
@@ -124,7 +151,10 @@ class LoadedImage:
 
 def load_image(path: Path) -> LoadedImage | Reject:
     """Decode fully (truncated files fail here, not later) and hash the file bytes."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable (permissions, I/O error)
+        return Reject("", MISSING_IMAGE, f"{path.name}: cannot read ({e.strerror})")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alignti.distill.config import resume_differences
 from alignti.errors import AlignTIError
-from alignti.storage.files import fsync_path, write_json_atomic
+from alignti.storage.files import FileLock, fsync_path, write_errors, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -37,6 +39,9 @@ RUN_JSON = "distill.json"  # written at start: marks the directory as a distill 
 RUN_FILE = "distill.yaml"  # the run's options, as `alignti distill --config` reads them (rewritten on resume)
 STATE = "state.json"
 _PREFIX = "step-"
+# What a full disk raises while saving: OSError, torch.save's RuntimeError ("unexpected pos ..."),
+# safetensors' SafetensorError. The data saved is ours, so these are the file system's errors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -75,6 +80,16 @@ def check_output_dir(out: str | Path, resume: bool, overwrite: bool) -> None:
     if not ours:
         raise AlignTIError(f"--out {str(p)!r} is not empty and was not written by alignti distill; refusing to "
                            f"{'resume into' if resume else 'delete'} it")
+
+
+def lock_output_dir(out: str | Path) -> FileLock:
+    """The lock a run holds on `out` from its first write to its exit (main process), so a second run
+    into the same directory (fresh, --resume or --overwrite) is refused before it writes or deletes
+    anything. It lives beside `out` (--overwrite deletes `out` itself) and goes with the run."""
+    p = Path(out).resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(p.parent / f".{p.name}.distill-lock", f"another alignti distill run is using --out {str(out)!r}",
+                    remove=True)
 
 
 def start_output_dir(out: str | Path, overwrite: bool, run_info: dict[str, Any]) -> None:
@@ -123,30 +138,36 @@ def begin_checkpoint(out: str | Path, step: int) -> Path:
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_checkpoint_dir(out, step)
-    tmp.mkdir()
+    with write_errors("checkpoint", tmp):
+        tmp.mkdir()
     return tmp
 
 
 def write_rank_rng(tmp: Path, rank: int) -> None:
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    state = rng_state()
+    with write_errors("checkpoint", tmp, temp=tmp, kinds=WRITE_ERRORS):
+        torch.save(state, tmp / f"rng-{rank}.pt")
 
 
 def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any], scheduler: Any,
                       state: dict[str, Any], keep: int) -> Path:
     """Write weights (trainable, full CPU tensors), optimizer state, scheduler and state.json into
-    `tmp`, rename it into place, prune."""
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    _write_json(tmp / STATE, state)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    `tmp`, rename it into place, prune. A failed write (disk full) removes `tmp` and is one
+    AlignTIError line; older checkpoints stay."""
     final = tmp.parent / f"{_PREFIX}{state['step']}"  # OUT/checkpoints/step-N
-    if final.exists():  # a resumed run re-saving a step it already saved
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(tmp.parent)
+    sched = scheduler.state_dict()
+    with write_errors("checkpoint", final, temp=tmp, kinds=WRITE_ERRORS):
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(sched, tmp / "scheduler.pt")
+        _write_json(tmp / STATE, state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a resumed run re-saving a step it already saved
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(tmp.parent)
     if keep > 0:
         for old in list_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -203,7 +224,10 @@ def check_resume(cfg: Any, path: Path, per_step: int, student_weights: str, fsdp
 def _load_tensors(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or truncated file, or a pickle that is not plain data
+    except pickle.UnpicklingError:  # PyTorch's message would advise weights_only=False: never for our files
+        raise AlignTIError(f"cannot read {str(path)!r}: it is not plain tensor data (a pickle of other objects) "
+                           f"and is refused") from None
+    except Exception as e:  # corrupt or truncated file
         raise AlignTIError(f"cannot read {str(path)!r}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 
 
@@ -255,7 +279,8 @@ def truncate_log(out: str | Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by the kill
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    with write_errors("the training log", path):
+        path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
 
 
 def saved_dtype(student: str | Path) -> torch.dtype:
@@ -276,9 +301,10 @@ def save_final(model: torch.nn.Module, parts: Any, out: str | Path, dtype: torch
     if tmp.exists():
         shutil.rmtree(tmp)
     model.to(dtype)
-    model.save_pretrained(tmp)
-    parts.save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with write_errors("the final model", final, temp=tmp, kinds=WRITE_ERRORS):
+        model.save_pretrained(tmp)
+        parts.save(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     return final

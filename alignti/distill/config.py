@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from alignti.cliargs import options
-from alignti.errors import AlignTIError
+from alignti.errors import AlignTIError, check_min
+from alignti.models.devices import check_device
 
 TERMS = ("sft", "kd", "iva", "tpa", "ground")
 # Recipe -> (sft, kd, iva, tpa) weights; "ground" is 0 unless asked for.
@@ -176,39 +177,31 @@ class DistillConfig:
         self._check_numbers()
 
     def _check_numbers(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_length": self.max_length, "log_every": self.log_every}
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in positive.items() if v < 1]
-        if self.max_steps is not None and self.max_steps < 1:
-            bad.append(f"--max-steps {self.max_steps}")
-        if bad:
-            raise AlignTIError(f"must be >= 1: {', '.join(bad)}")
+        check_min(1, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                  max_length=self.max_length, log_every=self.log_every, max_steps=self.max_steps)
+        check_min(0, warmup_steps=self.warmup_steps, example_memory_mb=self.example_memory_mb,
+                  num_workers=self.num_workers, save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
+                  seed=self.seed)
+        if self.seed >= 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
+            raise AlignTIError(f"--seed must be < 2**32, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise AlignTIError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise AlignTIError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise AlignTIError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise AlignTIError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise AlignTIError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.example_memory_mb < 0:
-            raise AlignTIError(f"--example-memory-mb must be >= 0, got {self.example_memory_mb}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise AlignTIError(f"--adam-beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise AlignTIError("--weight-decay and --max-grad-norm must be >= 0")
-        if self.save_every < 0 or self.keep_checkpoints < 0:
-            raise AlignTIError("--save-every and --keep-checkpoints must be >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise AlignTIError(f"--weight-decay (finite) and --max-grad-norm must be >= 0, got {self.weight_decay}, "
+                               f"{self.max_grad_norm}")
         _choice(self.dtype, DTYPE_CHOICES, "--dtype")
         _choice(self.train, TRAIN_CHOICES, "--train")
         _choice(self.report_to, REPORT_TO, "--report-to")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise AlignTIError(f"--report-to {self.report_to} needs the {self.report_to} package: "
                                f"pip install 'alignti[{self.report_to}]'")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise AlignTIError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device, index=False)  # accelerate places each process on its own GPU
 
 
 RESUMABLE_CHANGES = frozenset(f.name for f in fields(DistillConfig) if f.metadata.get("resumable"))

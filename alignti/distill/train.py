@@ -53,6 +53,7 @@ from alignti.models.family import ModelParts, family_of, load_parts
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, resolve_device
 from alignti.progress import progress_bar
+from alignti.storage.files import write_errors
 from alignti.storage.reader import CacheReader
 
 
@@ -199,18 +200,19 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
     """Train the student; returns a summary (steps, last losses, tokens/s, wall time, paths) on the
     main process, None on the others."""
     wall_start = time.time()
-    run = setup_run(cfg)
-    acc = run.acc
-    last, train_seconds = train_loop(run)
-    acc.wait_for_everyone()
-    final = Path(cfg.out) / ckpt.FINAL
-    full = sharding.full_model_state(run.model) if run.fsdp else None  # collective
-    if acc.is_main_process:
-        model = sharding.unsharded_copy(cfg.student, full) if run.fsdp else run.model
-        final = ckpt.save_final(model, run.parts, cfg.out, ckpt.saved_dtype(cfg.student))
-        plot_log(cfg.out)
-    acc.wait_for_everyone()
-    acc.end_training()  # closes the tracker run
+    with contextlib.ExitStack() as held:  # the output directory's lock, released however the run ends
+        run = setup_run(cfg, held)
+        acc = run.acc
+        last, train_seconds = train_loop(run)
+        acc.wait_for_everyone()
+        final = Path(cfg.out) / ckpt.FINAL
+        full = sharding.full_model_state(run.model) if run.fsdp else None  # collective
+        if acc.is_main_process:
+            model = sharding.unsharded_copy(cfg.student, full) if run.fsdp else run.model
+            final = ckpt.save_final(model, run.parts, cfg.out, ckpt.saved_dtype(cfg.student))
+            plot_log(cfg.out)
+        acc.wait_for_everyone()
+        acc.end_training()  # closes the tracker run
     return _summary(run, final, last, train_seconds, time.time() - wall_start) if acc.is_main_process else None
 
 
@@ -231,8 +233,9 @@ def load_student(cfg: DistillConfig, acc: Accelerator, resume_from: Path | None)
     return model, trainable
 
 
-def setup_run(cfg: DistillConfig) -> Run:
-    """Validate everything, load examples + student, build the optimizer; write nothing until all passed."""
+def setup_run(cfg: DistillConfig, held: contextlib.ExitStack) -> Run:
+    """Validate everything, load examples + student, build the optimizer; write nothing until all passed.
+    The main process locks --out (into `held`) before it deletes or writes anything there."""
     fsdp = sharding.launch_sharding()
     loss_cfg = cfg.loss
     weights = loss_cfg.weights()
@@ -249,6 +252,9 @@ def setup_run(cfg: DistillConfig) -> Run:
     if weights["iva"] > 0:
         check_iva_compatible(examples)
     acc = make_accelerator(cfg, find_unused=examples.has_text_only)
+    if acc.is_main_process:
+        held.enter_context(ckpt.lock_output_dir(cfg.out))
+        ckpt.check_output_dir(cfg.out, cfg.resume, cfg.overwrite)  # again: a run may have ended since the first check
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     per_step = cfg.grad_accum * acc.num_processes
     resume_from = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
@@ -325,8 +331,9 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
         last.update(grad_norm=None if grad_norm is None else float(sharding.as_local(grad_norm)),
                     tokens_per_second=last["tokens"] / max(time.time() - t0, 1e-9), elapsed=elapsed)
         if main:
-            log.write(json.dumps(last) + "\n")
-            log.flush()
+            with write_errors("the training log", log.name):
+                log.write(json.dumps(last) + "\n")
+                log.flush()
             trackers.log_step(acc, last)
             if (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps:
                 bar.set_postfix(_postfix(last), refresh=False)

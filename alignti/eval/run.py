@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignti.cliargs import write_run_file
+from alignti.data.corpus import check_image_root
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
 from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
+from alignti.models.devices import check_device, check_dtype
 from alignti.models.family import load_parts
-from alignti.models.loading import DTYPES, load_model, resolve_device, resolve_dtype
+from alignti.models.loading import load_model, resolve_device, resolve_dtype
 from alignti.storage.files import write_json_atomic
 
 RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
@@ -55,6 +57,8 @@ class EvalConfig:
     dirs: list[str] = field(default_factory=list, metadata={"argument": True, "help": "score directories for --report"})
 
     def __post_init__(self) -> None:
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise AlignTIError(f"--out {self.out!r} exists and is not a directory")
         if self.report:
             if not self.dirs:
                 raise AlignTIError("--report needs one or more score directories: alignti eval --report DIR... --out OUT")
@@ -69,10 +73,10 @@ class EvalConfig:
             raise AlignTIError("--batch-size and --max-new-tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise AlignTIError("--limit must be >= 1")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise AlignTIError(f"unknown dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
-            raise AlignTIError(f"--image-root {self.image_root!r} is not a directory")
+        check_device(self.device)
+        check_dtype(self.dtype)
+        if self.image_root is not None:
+            check_image_root(self.image_root)
         if self.model is None and not self.answers_path.is_file():
             raise AlignTIError(f"no --model and no answers file at {str(self.answers_path)!r}: "
                                "give --model to answer, or --answers FILE to score")

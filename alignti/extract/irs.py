@@ -19,15 +19,17 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
-from alignti.data.corpus import read_corpus
+from alignti.data.corpus import check_corpus, check_image_root, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.cliargs import write_run_file
-from alignti.errors import AlignTIError
+from alignti.errors import AlignTIError, check_min
 from alignti.extract.irs_score import choose_layer, irs_scores_by_grid
+from alignti.models.devices import check_device, check_dtype
 from alignti.models.family import decoder_hidden, load_parts
-from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.loading import load_model, resolve_device, resolve_dtype
+from alignti.models.probe import probe_attention, probe_targets
 from alignti.progress import progress_bar
+from alignti.storage.files import write_errors
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,18 @@ class IrsConfig:
     def __post_init__(self) -> None:
         if Path(self.out).suffix in (".png", ".yaml"):
             raise AlignTIError(f"--out {self.out!r}: the .png and .yaml files are written beside it; name it .json")
+        check_min(1, batch_size=self.batch_size)
+        check_min(2, samples=self.samples)  # IRS compares calibration samples pairwise
+        check_min(8, max_length=self.max_length)
+        check_device(self.device)
+        check_dtype(self.dtype)
 
 
-def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[EncodedSample]:
-    """The first n encodable samples that have an image (rejects are skipped)."""
-    out = []
+def calibration_samples(encoder: SampleEncoder, data: str, n: int, hint: str = "") -> list[EncodedSample]:
+    """The first n encodable samples that have an image (rejects are skipped); an AlignTIError
+    saying why (and `hint`) when there are fewer than the 2 that IRS needs."""
+    out, rejects = [], Counter()
+    example = ""
     for row in read_corpus(data):
         if len(out) >= n:
             break
@@ -60,6 +69,14 @@ def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[Encod
             enc = encoder.encode(row)
             if isinstance(enc, EncodedSample):
                 out.append(enc)
+            else:
+                rejects[enc.reason] += 1
+                example = example or enc.detail
+    if len(out) < 2:
+        why = (f"rows with images rejected: {', '.join(f'{r} {k}' for r, k in rejects.most_common())}, e.g. "
+               f"{example} (image root {encoder.image_root})" if rejects else "no row has an image")
+        raise AlignTIError(f"IRS needs >= 2 usable samples with images in {data}, found {len(out)} ({why})"
+                           + (f"; {hint}" if hint else ""))
     return out
 
 
@@ -110,19 +127,24 @@ def plot_irs(scores: list[float], chosen: int, path: Path) -> None:
 
 def run_irs(cfg: IrsConfig) -> dict:
     """Score the layers, write irs.json and irs.png, return the result."""
+    out = Path(cfg.out)
+    check_corpus(cfg.data)
+    check_image_root(cfg.image_root)
+    if out.is_dir() or out.with_suffix(".png").is_dir():
+        raise AlignTIError(f"--out {str(out)!r} (and its .png beside it) must be a file path, not a directory")
     device = resolve_device(cfg.device)
     parts = load_parts(cfg.teacher)
     encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
-    samples = calibration_samples(encoder, cfg.data, cfg.samples)
+    samples = calibration_samples(encoder, cfg.data, cfg.samples)  # the corpus's fault: said before the model loads
     check_calibration(samples, f"corpus {cfg.data}")
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, parts.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
     result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot_irs(result["scores"], chosen, out.with_suffix(".png"))
+    with write_errors("IRS result", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        plot_irs(result["scores"], chosen, out.with_suffix(".png"))
     write_run_file(cfg, out.with_suffix(".yaml"), "irs")
     return result
 

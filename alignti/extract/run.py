@@ -20,18 +20,19 @@ from transformers import PreTrainedModel
 
 from alignti.cliargs import write_run_file
 from alignti.data.batching import Batch, collate, length_grouped
-from alignti.data.corpus import Reject, read_corpus
+from alignti.data.corpus import Reject, check_corpus, check_image_root, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.errors import AlignTIError
+from alignti.errors import AlignTIError, check_min
 from alignti.extract.irs import calibration_samples, check_calibration, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
+from alignti.models.devices import check_device, check_dtype
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.family import ModelParts, load_parts
 from alignti.models.loading import load_config, load_model, resolve_device, resolve_dtype
 from alignti.progress import progress_bar
-from alignti.storage.lifecycle import load_existing, local_root
+from alignti.storage.lifecycle import check_can_open, load_existing, local_root
 from alignti.storage.schema import RUN_YAML, CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
 
@@ -64,6 +65,9 @@ class ExtractConfig:
     worker: str | None = field(default=None, metadata={"help": "i/n: this process handles rows i, i+n, ... "
                                                                 "(default: RANK/WORLD_SIZE env, else 0/1)"})
     resume: bool = field(default=False, metadata={"help": "continue an existing cache (same teacher and settings)"})
+    retry_rejects: bool = field(default=False, metadata={
+        "help": "with --resume: try the rows the cache rejected again (after fixing images or the image root); "
+                "a row that now works becomes a sample, one that fails again stays a reject with its new reason"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing cache first"})
     seed: int = field(default=0, metadata={"help": "seed for --tpa-proposal sample"})
     chunk_size: int = field(default=256, metadata={"help": "rows per LM-head chunk (memory bound)"})
@@ -86,8 +90,15 @@ class ExtractConfig:
             raise AlignTIError("--tpa-proposal top needs --tpa-d <= --top-k - 2")
         if self.iva_layer not in ("auto", "none") and not self.iva_layer.lstrip("-").isdigit():
             raise AlignTIError(f"--iva-layer must be auto, none or an integer, got {self.iva_layer!r}")
-        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8 or self.dry_run_batches < 1:
-            raise AlignTIError("--batch-size, --part-size and --dry-run-batches must be >= 1, --max-length >= 8")
+        if self.retry_rejects and not self.resume:
+            raise AlignTIError("--retry-rejects retries the rejects of the cache being resumed: it needs --resume")
+        check_min(1, batch_size=self.batch_size, part_size=self.part_size, chunk_size=self.chunk_size,
+                  iva_max_positions=self.iva_max_positions, tpa_max_positions=self.tpa_max_positions, limit=self.limit,
+                  dry_run_batches=self.dry_run_batches)
+        check_min(2, irs_samples=self.irs_samples)  # IRS compares calibration samples pairwise
+        check_min(8, max_length=self.max_length)
+        check_device(self.device)
+        check_dtype(self.dtype)
         parse_worker(self.worker)
         if self.backend == "vllm":
             check_vllm_settings(self.tpa_d, self.tpa_proposal)
@@ -122,8 +133,9 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     existing = load_existing(local_root(cfg.out)) if cfg.resume and Path(cfg.out).exists() else None
     if existing is not None and existing.settings.iva_layer is not None:
         return existing.settings.iva_layer, existing.settings.irs_scores
-    samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
-    check_calibration(samples, "--iva-layer auto: pass --iva-layer N or none")
+    hint = "--iva-layer auto: pass --iva-layer N or none"
+    samples = calibration_samples(encoder, cfg.data, cfg.irs_samples, hint)
+    check_calibration(samples, hint)
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), scores.tolist()  # full precision: JSON floats round-trip
 
@@ -172,6 +184,8 @@ class Teacher:
 
 def load_teacher(cfg: ExtractConfig) -> Teacher:
     """Load the teacher and its parts, resolve the IVA layer (IRS), fix the cache settings."""
+    check_corpus(cfg.data)  # the inputs first: a bad path is one line before the teacher loads or IRS runs
+    check_image_root(cfg.image_root)
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -210,10 +224,12 @@ def run_extract(cfg: ExtractConfig) -> dict:
         return dry_run(cfg)
     start = time.time()
     worker, num_workers = resolve_worker(*parse_worker(cfg.worker))
+    # --out too (read-only): an existing cache without --resume/--overwrite is said before the teacher loads
+    check_can_open(local_root(cfg.out), num_workers, resume=cfg.resume, overwrite=cfg.overwrite)
     t = load_teacher(cfg)
     encoder, pad_id, settings = t.encoder, t.pad_id, t.settings
     writer = CacheWriter.open(cfg.out, t.manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
-                              overwrite=cfg.overwrite, part_size=cfg.part_size)
+                              overwrite=cfg.overwrite, part_size=cfg.part_size, retry_rejects=cfg.retry_rejects)
     teacher = signal_backend(cfg, t)
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:

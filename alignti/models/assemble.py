@@ -15,7 +15,9 @@ Qwen2-VL / Qwen2.5-VL / Qwen3-VL, `alignti.models.qwen_vl_tiny`) with a tokenize
 corpus or reused from another model directory (so a student shares a teacher's token ids exactly).
 
 The output is written into a temporary sibling directory and renamed into place when
-complete, so an interrupted run never leaves a half-written model at `--out`.
+complete, so an interrupted run never leaves a half-written model at `--out`. It holds
+`assemble.json` (the options it was built with), the mark `--overwrite` needs before it deletes
+a non-empty `--out`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,11 @@ from alignti.models.family import families, get_family, save_model_dir
 from alignti.models.llava import LLAVA, TinySpec
 from alignti.models.qwen_vl_tiny import QwenVLSpec
 from alignti.models.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, ensure_image_token, train_tokenizer
+from alignti.storage.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
+ASSEMBLE_JSON = "assemble.json"  # written into every model directory assemble makes
 PROJECTORS = ("mlp2x_gelu",)
 VISION_FEATURE_LAYER = -2
 # model_type in a vision directory's config.json -> (tower class, strategy, extra tokens).
@@ -130,8 +134,10 @@ def run_assemble(cfg: AssembleConfig) -> Path:
             _build_random(cfg, tmp)
         else:
             _build_pretrained(cfg, tmp)
+        # The mark that this directory is ours: only such a directory may a later --overwrite delete.
+        write_json_atomic(tmp / ASSEMBLE_JSON, {"created_by": "alignti assemble", "options": asdict(cfg)}, indent=1)
         if out.exists():
-            shutil.rmtree(out)  # empty, or non-empty with --overwrite (checked above)
+            shutil.rmtree(out)  # empty, or made by assemble and --overwrite (checked above)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -171,8 +177,12 @@ def _check_config(cfg: AssembleConfig) -> Path:
     out = Path(cfg.out).absolute()
     if out.exists() and not out.is_dir():
         raise AlignTIError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise AlignTIError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise AlignTIError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        if not (out / ASSEMBLE_JSON).is_file():
+            raise AlignTIError(f"--out {str(out)!r} is not empty and was not made by alignti assemble (no "
+                               f"{ASSEMBLE_JSON}); refusing to delete it")
     for src in (cfg.llm, cfg.vision, cfg.corpus, cfg.tokenizer_from):
         # --overwrite deletes --out: never let that take an input with it.
         if src is not None and Path(src).resolve().is_relative_to(out.resolve()):

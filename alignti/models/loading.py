@@ -7,29 +7,32 @@ image backend) and identical tokenisation.
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from alignti.errors import AlignTIError
+from alignti.models.devices import DTYPE_NAMES, check_device, check_dtype
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+assert set(DTYPES) == set(DTYPE_NAMES) - {"auto"}
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`auto` means bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
-    if name == "auto":
+    if check_dtype(name) == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise AlignTIError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def resolve_device(name: str) -> str:
     """`auto` picks CUDA when present."""
-    if name == "auto":
+    if check_device(name) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise AlignTIError(f"device {name!r} requested but CUDA is not available")
@@ -41,6 +44,27 @@ def _check_dir(path: str | Path, what: str) -> Path:
     if not (p / "config.json").is_file():
         raise AlignTIError(f"{what} directory {str(p)!r} has no config.json (not a saved model)")
     return p
+
+
+@contextlib.contextmanager
+def _refusals(p: Path) -> Iterator[None]:
+    """transformers' refusals to load a directory, as one line saying what to do: a config whose
+    code lives in the directory (auto_map) without trust_remote_code, an architecture transformers
+    does not know, a pickled weights file that is not plain tensor data (`torch.load(weights_only=True)`)."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise AlignTIError(f"model directory {str(p)!r}: its pickled weights (*.bin) are not plain tensor data and "
+                           f"are refused; convert them to safetensors") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise AlignTIError(f"model directory {str(p)!r} needs its own Python code to load (auto_map in "
+                               f"config.json); alignti runs it only with --trust-remote-code (alignti eval), "
+                               f"use a model transformers implements otherwise") from None
+        if "does not recognize this architecture" in str(e):
+            raise AlignTIError(f"model directory {str(p)!r}: transformers does not know its model_type; "
+                               f"upgrade transformers or use another model") from None
+        raise
 
 
 def load_model(
@@ -67,12 +91,15 @@ def load_model(
         if getattr(text, "layer_types", None) is not None:  # per-layer attention kinds must match the count
             text.layer_types = text.layer_types[:text_layers]
         kw["config"] = config
-    model = AutoModelForImageTextToText.from_pretrained(
-        p, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kw
-    )
+    with _refusals(p):
+        model = AutoModelForImageTextToText.from_pretrained(
+            p, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kw
+        )
     return model.to(device).eval()
 
 
 def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config alone (no weights loaded)."""
-    return AutoConfig.from_pretrained(_check_dir(path, "model"), trust_remote_code=trust_remote_code)
+    p = _check_dir(path, "model")
+    with _refusals(p):
+        return AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)

@@ -38,7 +38,13 @@ class CacheLocation:
     @classmethod
     def of(cls, url: str) -> CacheLocation:
         url = str(url)
-        fs, root = fsspec.core.url_to_fs(url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+        except ValueError as e:  # "Protocol not known: bogus"
+            raise AlignTIError(f"cannot open {url}: {e} (give a local path or an fsspec URL: file://, s3://, "
+                               f"gs://, ...)") from None
+        except ImportError as e:  # a known protocol whose package is missing: "Install s3fs to access S3"
+            raise AlignTIError(f"cannot open {url}: {e}") from None
         return cls(url, fs, root.rstrip("/") or "/")
 
     def path(self, *parts: str) -> str:

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignti.errors import check_min
 from alignti.storage.reader import CacheReader
 from alignti.storage.stats import cache_stats
 
@@ -17,6 +18,9 @@ class InspectConfig:
     json: bool = field(default=False, metadata={"help": "Print one JSON object instead of a table."})
     verify: bool = field(default=False, metadata={"help": "Also check the sha256 of every file (reads it all)."})
     mass_samples: int = field(default=256, metadata={"help": "Samples read to estimate the retained top-k mass."})
+
+    def __post_init__(self) -> None:
+        check_min(0, mass_samples=self.mass_samples)
 
 
 def _fmt(v: float | None, unit: str = "") -> str:

@@ -85,12 +85,24 @@ def _create_manifest(root: Path, manifest: CacheManifest, replace: bool) -> bool
     return write_json_atomic(root / CACHE_JSON, stamped.to_dict(), exclusive=not replace, indent=1, sort_keys=True)
 
 
-def _accept_sibling(existing: CacheManifest, ours: CacheManifest, root: Path, num_workers: int) -> None:
+def _accept_sibling(existing: CacheManifest, ours: CacheManifest | None, root: Path, num_workers: int) -> None:
+    """A fresh run finding cache.json: fine only for a sibling worker of the same launch (same
+    identity; `ours` None: not known yet, checked again later)."""
     recent = existing.created_at >= PROCESS_START - SIBLING_GRACE_S
     if num_workers > 1 and recent:
-        _require_same(existing, ours, root, "join")
+        if ours is not None:
+            _require_same(existing, ours, root, "join")
         return
-    raise AlignTIError(f"{root} already holds a cache; pass resume to continue it or overwrite to replace it")
+    raise AlignTIError(f"{root} already holds a cache; pass --resume to continue it or --overwrite to replace it")
+
+
+def check_can_open(root: Path, num_workers: int, *, resume: bool, overwrite: bool) -> None:
+    """The refusals of `prepare_root` that need no manifest (not a cache, a cache without resume or
+    overwrite), read-only: extract checks them before the teacher loads and IRS runs."""
+    check_root_is_ours(root)
+    existing = None if resume or overwrite else load_existing(root)  # overwrite: it may be of another version
+    if existing is not None:
+        _accept_sibling(existing, None, root, num_workers)
 
 
 def _wait_for_manifest(root: Path, ours: CacheManifest) -> None:

@@ -8,20 +8,18 @@ crash at any moment leaves either a complete part or an ignored temp dir.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alignti.errors import AlignTIError
-from alignti.storage.files import fsync_path, write_json_atomic
+from alignti.storage.files import FileLock, fsync_path, write_json_atomic
 from alignti.storage.schema import PART_JSON, SCHEMA_VERSION
 
 PART_RE = re.compile(r"^w(\d{4,})-(\d{6,})$")
@@ -117,26 +115,10 @@ def clean_stale_temps(parts_dir: Path, worker: int) -> int:
     return len(stale)
 
 
-class WorkerLock:
-    """An exclusive flock on parts/.lock-w<worker>: one live writer per worker index.
-
-    The kernel drops the lock when the process dies (SIGKILL included), so no stale locks.
-    """
+class WorkerLock(FileLock):
+    """An exclusive flock on parts/.lock-w<worker>: one live writer per worker index (never stale:
+    the kernel releases it when the process dies)."""
 
     def __init__(self, parts_dir: Path, worker: int) -> None:
-        self.path = parts_dir / f"{LOCK_PREFIX}w{worker:04d}"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise AlignTIError(f"another process is already writing worker {worker} of this cache "
-                               f"({self.path} is locked)") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()} {time.time():.0f}\n".encode())
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        super().__init__(parts_dir / f"{LOCK_PREFIX}w{worker:04d}",
+                         f"another process is already writing worker {worker} of this cache")

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from alignti.errors import AlignTIError
 from alignti.storage.arrays import write_signals
 from alignti.storage.catalog import CacheLocation, check_part_sizes, list_parts, read_rejects, read_samples_columns
+from alignti.storage.files import write_errors
 from alignti.storage.lifecycle import check_root_is_ours, local_root, prepare_root
 from alignti.storage.packing import pack
 from alignti.storage.parts import PartInfo, WorkerLock, clean_stale_temps, part_name, publish_part, seal_dir
@@ -94,6 +95,7 @@ class CacheWriter:
         self._committed_sources: set[str] = set()
         self._rejected: set[str] = set()
         self._next_n = 0
+        self._failed = False  # a commit failed: nothing more is written
         if scan:
             self._scan_existing()
 
@@ -196,13 +198,18 @@ class CacheWriter:
         name = part_name(self.worker, self._next_n)
         parts_dir = self.root / PARTS_DIR
         tmp = parts_dir / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        rows = write_part_files(tmp, self._samples, self._rejects, self.manifest.settings)
-        info = PartInfo(name, self.worker, len(self._samples), len(self._rejects), self._hash, time.time(), rows,
-                        seal_dir(tmp))
-        publish_part(tmp, parts_dir / name, info)
+        # One attempt: a failed write (disk full) removes the temp dir and closes the writer for good, so
+        # leaving the `with` block does not try the same commit again; committed parts stay valid.
+        self._failed = True
+        with write_errors("cache part", parts_dir / name, temp=tmp):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            rows = write_part_files(tmp, self._samples, self._rejects, self.manifest.settings)
+            info = PartInfo(name, self.worker, len(self._samples), len(self._rejects), self._hash, time.time(),
+                            rows, seal_dir(tmp))
+            publish_part(tmp, parts_dir / name, info)
+        self._failed = False
         self._committed.update(self._buffered_ids)
         self._committed_sources.update(s.source_id for s in self._samples)
         self._rejected.update(self._buffered_rejects)
@@ -213,18 +220,19 @@ class CacheWriter:
         return name
 
     def close(self) -> None:
-        """Commit what is buffered and release the worker lock (idempotent)."""
+        """Commit what is buffered (unless a commit failed) and release the worker lock (idempotent)."""
         if self._lock is None:
             return
         try:
-            self.commit()
+            if not self._failed:
+                self.commit()
         finally:
             self._lock.release()
             self._lock = None
 
     def _check_open(self) -> None:
-        if self._lock is None:
-            raise ValueError("this CacheWriter is closed")
+        if self._lock is None or self._failed:
+            raise ValueError("this CacheWriter is closed" + (" (a commit failed)" if self._failed else ""))
 
     def __enter__(self) -> CacheWriter:
         return self

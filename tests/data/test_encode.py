@@ -9,6 +9,7 @@ from alignti.data import corpus as C
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import parse_row, read_corpus
 from alignti.data.encode import IGNORE_INDEX, SampleEncoder
+from alignti.errors import AlignTIError
 from alignti.models.family import load_parts
 
 
@@ -94,6 +95,8 @@ def test_text_only(processor, root):
     ([("human", "<image>\nq"), ("gpt", "a")], "img/bad.png", C.CORRUPT_IMAGE),
     ([("human", "<image>\nq"), ("gpt", "a")], "../../etc/passwd", C.PATH_OUTSIDE_ROOT),
     ([("human", "<image>\nq"), ("gpt", "a")], "/etc/passwd", C.PATH_OUTSIDE_ROOT),
+    ([("human", "<image>\nq"), ("gpt", "a")], "img/a\x00.png", C.MISSING_IMAGE),  # no file has a NUL in its name
+    ([("human", "<image>\nq"), ("gpt", "a")], "img/" + "a" * 300 + ".png", C.MISSING_IMAGE),  # name too long
     ([("human", "<image>\nq")], "img/a.png", C.NO_ASSISTANT_TURN),
     ([("human", "<image>\n<image>\nq"), ("gpt", "a")], "img/a.png", C.IMAGE_TOKEN_MISMATCH),
     ([("human", "q"), ("gpt", "a")], "img/a.png", C.IMAGE_TOKEN_MISMATCH),
@@ -117,6 +120,14 @@ def test_read_corpus_json_and_jsonl(tmp_path):
     out = list(read_corpus(tmp_path / "c.jsonl"))
     assert [getattr(o, "source_id") for o in out] == ["a", "line-2", "c"]
     assert isinstance(out[1], C.Reject) and out[1].reason == C.MALFORMED_ROW
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(good).encode() + b'\n{"id": "caf\xe9"}\n')
+    assert [getattr(o, "reason", None) for o in read_corpus(tmp_path / "latin1.jsonl")] == [None, C.MALFORMED_ROW]
+    (tmp_path / "latin1.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(AlignTIError, match="is not valid UTF-8 JSON"):
+        list(read_corpus(tmp_path / "latin1.json"))
+    (tmp_path / "a.tsv").write_text("id\tquestion\n")
+    with pytest.raises(AlignTIError, match="is not a LLaVA JSON or JSONL corpus"):
+        C.check_corpus(tmp_path / "a.tsv")
 
 
 def test_sample_id_is_content_hash(processor, root):

@@ -289,7 +289,7 @@ def test_config_errors(tmp_path, tiny_model_dir):
         EvalConfig(out=str(tmp_path / "out"), model=str(tiny_model_dir))
     with pytest.raises(AlignTIError, match="must be >= 1"):
         EvalConfig(out="o", benchmark="gqa", questions=str(qfile), model="m", batch_size=0)
-    with pytest.raises(AlignTIError, match="not a directory"):
+    with pytest.raises(AlignTIError, match="--image-root .*nope. does not exist"):
         EvalConfig(out="o", benchmark="gqa", questions=str(qfile), model="m", image_root=str(tmp_path / "nope"))
     EvalConfig(out="o", report=True, dirs=["a", "b"])  # --report ignores the rest
     # Questions with images and no --image-root: stopped before any model is loaded.

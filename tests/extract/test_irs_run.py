@@ -68,12 +68,19 @@ def test_irs_command_writes_scores_and_plot(world, tmp_path):
 
 
 def test_irs_command_needs_two_usable_samples(world, tmp_path, monkeypatch):
-    """Too few calibration samples is the corpus's fault: one line, before the model is loaded."""
+    """Too few calibration samples is the corpus's fault: one line saying why, before the model is loaded."""
     import alignti.extract.irs as irs
 
     teacher, shapes = world
+    rows = json.loads((shapes / "train.json").read_text())
+    for row in rows[1:]:
+        row["image"] = "images/gone.png"  # only the first row's image exists
+    (tmp_path / "corpus.json").write_text(json.dumps(rows))
     monkeypatch.setattr(irs, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
-    with pytest.raises(AlignTIError, match="2 usable samples"):
-        run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
-                          out=str(tmp_path / "irs.json"), samples=1))
+    with pytest.raises(AlignTIError, match=r"2 usable samples .* found 1 \(rows with images rejected: missing_image "
+                                           r"\d+, e\.g\. 'images/gone\.png' not found \(image root "):
+        run_irs(IrsConfig(teacher=str(teacher), data=str(tmp_path / "corpus.json"), image_root=str(shapes),
+                          out=str(tmp_path / "irs.json")))
+    with pytest.raises(AlignTIError, match="must be >= 2: --samples 1"):  # IRS compares samples pairwise
+        IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes), samples=1)
     assert not (tmp_path / "irs.json").exists()

@@ -205,8 +205,16 @@ def test_assemble_refuses_bad_input_and_keeps_out(tmp_path):
     assert not any((tmp_path / f"o{i}").exists() for i in range(2, 9))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_qwen2", "out", "vision_siglip"]  # no temp dirs left
 
-    run_assemble(AssembleConfig(**good, overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite deletes only a directory assemble made (it holds assemble.json), never other data.
+    with pytest.raises(AlignTIError, match="not made by alignti assemble"):
+        run_assemble(AssembleConfig(**good, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    made = tmp_path / "made"
+    run_assemble(AssembleConfig(**dict(good, out=str(made))))
+    assert json.loads((made / "assemble.json").read_text())["options"]["llm"] == str(lm_dir)
+    (made / "config.json").write_text("{}")
+    run_assemble(AssembleConfig(**dict(good, out=str(made)), overwrite=True))
+    assert json.loads((made / "config.json").read_text())["model_type"] == "llava"
 
 
 def _write_corpus(path, jsonl: bool) -> None:

@@ -62,7 +62,7 @@ def test_existing_cache_needs_resume_or_overwrite(tmp_path, samples):
     with open_w(root) as w:
         w.add(samples[0])
     before = tree_snapshot(root)
-    with pytest.raises(AlignTIError, match="resume .* overwrite"):
+    with pytest.raises(AlignTIError, match="pass --resume to continue it or --overwrite to replace it"):
         open_w(root)
     with pytest.raises(ValueError, match="mutually exclusive"):  # the CLI refuses it first
         open_w(root, resume=True, overwrite=True)
@@ -212,3 +212,40 @@ def test_overwrite_on_a_new_path_creates_the_cache(tmp_path, samples):
     (tmp_path / "foreign" / "parts" / "mine.txt").write_text("not a lock")
     with pytest.raises(AlignTIError, match="not an alignti cache"):
         open_w(tmp_path / "foreign", overwrite=True)
+
+
+def test_a_full_disk_is_one_line_and_committed_parts_stay(tmp_path, samples, monkeypatch):
+    """ENOSPC while writing a part: one AlignTIError naming the part, its temp dir removed, no second
+    commit when the `with` block exits, the lock released, the parts before it intact and resumable."""
+    import errno
+    import os
+
+    import alignti.storage.writer as writer_mod
+
+    calls = []
+
+    def full_on_second_part(tmp, arrays):
+        calls.append(tmp)
+        if len(calls) == 2:
+            (tmp / "half-written").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_signals(tmp, arrays)
+
+    real_write_signals = writer_mod.write_signals
+    monkeypatch.setattr(writer_mod, "write_signals", full_on_second_part)
+    root = tmp_path / "c"
+    with pytest.raises(AlignTIError, match=r"^cannot write cache part .*/parts/w0000-000001: No space left on "
+                                           r"device \(.* MiB free there\)$"):
+        with open_w(root, part_size=4) as w:
+            for s in samples[:10]:
+                w.add(s)
+    assert len(calls) == 2  # leaving the block did not try again
+    assert sorted(p.name for p in (root / "parts").iterdir()) == [".lock-w0000", "w0000-000000"]  # no temp dir
+    monkeypatch.setattr(writer_mod, "write_signals", real_write_signals)  # space freed
+    with open_w(root, resume=True, part_size=4) as w:  # the lock is free and the committed part is valid
+        assert w.committed_ids() == {s.sample_id for s in samples[:4]}
+        for s in samples[4:10]:
+            w.add(s)
+    r = CacheReader.open(str(root))
+    r.verify()
+    assert sorted(r.sample_ids) == sorted(s.sample_id for s in samples[:10])
