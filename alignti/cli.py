@@ -13,8 +13,9 @@ import click
 
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.demo import DemoConfig, run_demo
+from alignti.demo.run import DemoConfig, run_demo
 from alignti.distill.config import DistillConfig
+from alignti.distill.plot import PlotConfig, run_plot
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
@@ -70,6 +71,13 @@ def distill(cfg: DistillConfig) -> None:
     summary = run_distill(cfg)  # None on every process but the main one (accelerate launch)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@from_dataclass(PlotConfig)
+def plot(cfg: PlotConfig) -> None:
+    """Draw a distill run's loss terms against the step (OUT/log.jsonl -> OUT/loss.png)."""
+    click.echo(json.dumps(run_plot(cfg), indent=2))
 
 
 @cli.command("eval")

@@ -19,12 +19,12 @@ import statistics
 import time
 from pathlib import Path
 
-from alignti.demo import DEFAULT, DemoConfig, run_demo, train_config
-from alignti.distill.parallel import run_many
+from alignti.demo.parallel import run_many
+from alignti.demo.run import DEFAULT, DemoConfig, run_demo, train_config
+from alignti.demo.tower import copy_tower
 from alignti.eval.run import EvalConfig, run_eval
 from alignti.models.assemble import AssembleConfig, run_assemble
 from alignti.models.loading import load_model
-from alignti.models.tower import copy_tower
 
 # name -> (sft, kd, iva, tpa) weights
 RECIPES = {

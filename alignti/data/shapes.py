@@ -38,13 +38,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from alignti.data.shapes_answers import ANSWER_STYLES, MIXED_STYLES, styled_answer
 from alignti.data.shapes_questions import (DESCRIBE, QUESTION_TYPES, Question, describe_question, first_question,
                                            follow_up)
 from alignti.data.shapes_render import ShapeObject, geometry, png_bytes, render
 from alignti.errors import AlignTIError
+from alignti.progress import progress_bar
 
 MULTI_TURN_FRACTION = 0.2
 # Long styles add one description record per block of five images, on the image of the block's
@@ -176,7 +175,7 @@ def run_shapes(cfg: ShapesConfig) -> dict:
     types = [_block_types(cfg.seed, i // 5)[i % 5] for i in range(cfg.n)]
     held = _test_indices(cfg.seed, types, cfg.test_fraction)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for i in tqdm(range(cfg.n), desc="shapes corpus", unit="img", disable=None, leave=False):
+    for i in progress_bar(range(cfg.n), desc="shapes corpus", unit="img", leave=False):
         records, png = make_record(cfg.seed, i, types[i], i // 5, cfg.image_size, digits, cfg.answer_style)
         (root / records[0]["image"]).write_bytes(png)
         splits["test" if i in held else "train"] += records  # a description stays with its image

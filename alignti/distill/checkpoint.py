@@ -31,6 +31,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 LOG = "log.jsonl"
 RUN_JSON = "distill.json"  # written at start: marks the directory as a distill output
+RUN_FILE = "distill.yaml"  # the run's options, as `alignti distill --config` reads them (rewritten on resume)
 STATE = "state.json"
 _PREFIX = "step-"
 

@@ -8,6 +8,7 @@ command line fails with one AlignTIError line before anything loads. No torch he
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -28,6 +29,7 @@ TPA_WEIGHTINGS = ("teacher", "uniform")
 IVA_TARGETS = ("logits", "attention")
 TRAIN_CHOICES = ("projector", "llm", "all", "full")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb")  # experiment trackers (alignti.distill.trackers)
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> None:
@@ -152,6 +154,10 @@ class DistillConfig:
     log_every: int = field(default=1, metadata=_resumable(
         help="progress-bar refresh every N steps (log.jsonl gets all)"))
     progress: bool = field(default=True, metadata=_resumable(help="show a progress bar"))
+    report_to: str = field(default="none", metadata=_resumable(
+        help="experiment tracker for every loss term, lr, grad norm and tokens/s per step: tensorboard "
+             "(OUT/tensorboard/; pip install 'alignti[tensorboard]') or wandb ('alignti[wandb]'; WANDB_MODE=offline "
+             "works without an account)", choices=REPORT_TO))
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -191,6 +197,10 @@ class DistillConfig:
             raise AlignTIError("--save-every and --keep-checkpoints must be >= 0")
         _choice(self.dtype, DTYPE_CHOICES, "--dtype")
         _choice(self.train, TRAIN_CHOICES, "--train")
+        _choice(self.report_to, REPORT_TO, "--report-to")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise AlignTIError(f"--report-to {self.report_to} needs the {self.report_to} package: "
+                               f"pip install 'alignti[{self.report_to}]'")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise AlignTIError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from alignti.data.encode import SampleEncoder
 from alignti.distill import checkpoint as ckpt
+from alignti.distill import trackers
 from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import TERMS, DistillConfig, LossConfig
 from alignti.distill.examples import ExampleSet, cache_examples, check_iva_compatible, corpus_examples
@@ -42,10 +43,12 @@ from alignti.distill.kl import PADDED_MASS_WARN
 from alignti.distill.losses import combine
 from alignti.distill.objective import Objective, padded_mass_warning, probe_layers
 from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
-from alignti.cliargs import options
+from alignti.distill.plot import plot_log
+from alignti.cliargs import options, write_run_file
 from alignti.errors import AlignTIError
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, load_processor, resolve_device
+from alignti.progress import progress_bar
 from alignti.storage.reader import CacheReader
 
 PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector")
@@ -59,10 +62,11 @@ def make_accelerator(cfg: DistillConfig, find_unused: bool) -> Accelerator:
     """Accelerator for --device. find_unused: some micro-batch may leave parameters out of the
     graph (a text-only sample skips the projector); DDP must then be told, or it waits for their
     gradients forever. It costs a graph traversal per step, so it is on only when needed.
-    Mixed precision is ours (`Objective`), not accelerate's."""
+    Mixed precision is ours (`Objective`), not accelerate's; --report-to picks accelerate's tracker."""
     device = resolve_device(cfg.device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
-    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp],
+                       log_with=trackers.log_with(cfg.report_to), project_dir=cfg.out)
 
 
 def autocast_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
@@ -199,7 +203,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
     final = Path(cfg.out) / ckpt.FINAL
     if acc.is_main_process:
         final = ckpt.save_final(run.model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
+        plot_log(cfg.out)
     acc.wait_for_everyone()
+    acc.end_training()  # closes the tracker run
     return _summary(run, final, last, train_seconds, time.time() - wall_start) if acc.is_main_process else None
 
 
@@ -261,8 +267,12 @@ def setup_run(cfg: DistillConfig) -> Run:
                   f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
     if acc.is_main_process:
         if not resume_from:
-            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp})
+            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp,
+                                                           "run_id": trackers.new_run_id()})
+        write_run_file(cfg, Path(cfg.out) / ckpt.RUN_FILE, "distill", note="the *_weight values are --recipe's, "
+                       "resolved: delete them to take another recipe's")
         ckpt.truncate_log(cfg.out, run.start_step)
+        trackers.start(acc, cfg.report_to, cfg.out, options(cfg), run.start_step)
         print(_intro(run, trainable), flush=True)
     acc.wait_for_everyone()
     return run
@@ -277,8 +287,8 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     vocab = run.model.get_input_embeddings().num_embeddings
     params = [p for p in run.model.parameters() if p.requires_grad]
     plan, plan_epoch, last, warned = [], -1, {}, False
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="distill", unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress))
+    bar = progress_bar(total=run.total_steps, initial=run.start_step, desc="distill", unit="step",
+                       disable=not (main and cfg.progress))
     log = open(Path(cfg.out) / ckpt.LOG, "a", encoding="utf-8") if main else None
     loop_start = time.time()
     for step in range(run.start_step, run.total_steps):
@@ -309,6 +319,7 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
         if main:
             log.write(json.dumps(last) + "\n")
             log.flush()
+            trackers.log_step(acc, last)
             if (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps:
                 bar.set_postfix(_postfix(last), refresh=False)
             bar.update(1)

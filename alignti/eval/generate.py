@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
 
 from alignti.data.corpus import IMAGE_PLACEHOLDER
 from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.eval.formats import EvalQuestion, open_image
+from alignti.progress import progress_bar
 
 # Every prompt asks for a word, a phrase or a letter, and greedy decoding stops at end-of-turn;
 # the cap only bounds a model that rambles. TextVQA answers (OCR strings) run longest.
@@ -159,7 +159,7 @@ def answer_questions(gen: Generator, questions: Sequence[EvalQuestion], answers_
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_answers_tail(path)
     bench = questions[0].benchmark if questions else ""
-    bar = tqdm(total=len(questions), desc=f"eval {bench}", unit="q", dynamic_ncols=True)
+    bar = progress_bar(total=len(questions), desc=f"eval {bench}", unit="q")
     done = 0
     for batch in batches(questions, batch_size):
         texts = generate_batch(gen, batch, image_root)

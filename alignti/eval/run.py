@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
@@ -20,6 +21,8 @@ from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
 from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
 from alignti.storage.files import write_json_atomic
+
+RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,11 @@ class EvalConfig:
 
 
 def model_id_of(model: str) -> str:
-    """The model's name as LLaVA writes it: the directory name (with its parent for checkpoint-N)."""
+    """The model's name as LLaVA writes it: the directory name (with its parent for checkpoint-N and for
+    `alignti distill`'s OUT/final, so every student is named by its run)."""
     path = Path(model).resolve()
-    return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
+    named_by_parent = path.name.startswith("checkpoint-") or path.name == "final"
+    return f"{path.parent.name}_{path.name}" if named_by_parent else path.name
 
 
 def check_answers_benchmark(records: list[dict], benchmark: str, path: Path) -> None:
@@ -133,7 +138,9 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
-        return build_report(cfg.dirs, cfg.out)
+        report = build_report(cfg.dirs, cfg.out)
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
+        return report
     start = time.time()
     questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
     questions = questions[:cfg.limit] if cfg.limit else questions
@@ -142,6 +149,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         # MMBench's test TSV has no answers: the answers file is the product (for its server).
         print(f"answers written to {cfg.answers_path}; this {cfg.benchmark} file has no ground truth, "
               "so nothing is scored (MMBench test: submit the answers to its evaluation server)")
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
         return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
                 "n_questions": len(questions), "generated": generated}
     answers = load_answers(cfg.answers_path)
@@ -156,5 +164,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     })
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
+    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     print(scores_table(result))
     return result

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.extract.irs_score import choose_layer, irs_scores
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,17 @@ class IrsConfig:
     teacher: str = field(metadata={"help": "teacher model directory"})
     data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
     image_root: str = field(metadata={"help": "directory image paths are relative to"})
-    out: str = field(default="irs.json", metadata={"help": "output JSON (a .png plot is written beside it)"})
+    out: str = field(default="irs.json", metadata={
+        "help": "output JSON (a .png plot and the run's options as .yaml are written beside it)"})
     samples: int = field(default=256, metadata={"help": "calibration samples (with images)"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+
+    def __post_init__(self) -> None:
+        if Path(self.out).suffix in (".png", ".yaml"):
+            raise AlignTIError(f"--out {self.out!r}: the .png and .yaml files are written beside it; name it .json")
 
 
 def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[EncodedSample]:
@@ -66,7 +72,7 @@ def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id
     layers = list(range(model.config.get_text_config().num_hidden_layers))
     alphas = []
     batches = list(length_grouped(samples, batch_size))
-    for group in tqdm(batches, desc="irs", unit="batch", disable=not progress):
+    for group in progress_bar(batches, desc="irs", unit="batch", disable=not progress):
         batch = collate(group, pad_id).to(model.device, model.dtype)
         queries, keys = probe_targets(batch.samples, group[0].n_v)
         with probe_attention(model, layers, queries, keys) as probe:
@@ -104,10 +110,11 @@ def run_irs(cfg: IrsConfig) -> dict:
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
-    result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}
+    result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot_irs(result["scores"], chosen, out.with_suffix(".png"))
+    write_run_file(cfg, out.with_suffix(".yaml"), "irs")
     return result
 

@@ -1,7 +1,9 @@
-"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log."""
+"""Kill `distill` with SIGKILL after a checkpoint, resume it, and get bit-identical weights and log
+(and a TensorBoard run that reads as one run)."""
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import time
@@ -49,9 +51,18 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     assert ref_summary["steps"] == 12  # 24 samples / batch 2
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(distill_cli(**config(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracked = importlib.util.find_spec("tensorboard") is not None  # in the dev extra
+    report = {"report_to": "tensorboard"} if tracked else {}  # does not change what is computed
+    proc = subprocess.Popen(distill_cli(**config(world, out, **report)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
+
+    def logged_past_checkpoint() -> bool:  # the kill then loses steps the resumed run must redo
+        found = list_checkpoints(out)
+        lines = (out / "log.jsonl").read_text().count("\n") if (out / "log.jsonl").is_file() else 0
+        return bool(found) and lines > int(found[-1].name.split("-")[1])
+
+    while time.time() < deadline and proc.poll() is None and not logged_past_checkpoint():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -66,7 +77,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     with pytest.raises(AlignTIError, match="lr"):
         run_distill(distill_config(**config(world, out, lr=2e-3, resume=True)))
 
-    summary = run_to_end(config(world, out, resume=True))
+    summary = run_to_end(config(world, out, resume=True, **report))
     assert summary["resumed_from"].endswith(f"step-{killed_at}")
     assert summary["steps_this_run"] == 12 - killed_at
     a, b = weights(ref / "final"), weights(out / "final")
@@ -76,3 +87,9 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     # the log reads as one run: steps logged after the last checkpoint by the killed run are gone
     assert strip_timing(read_log(out)) == strip_timing(read_log(ref))
     assert [c.name for c in list_checkpoints(out)] == ["step-6", "step-9"]  # keep_checkpoints=2
+    if tracked:  # the resumed run appended to the same TensorBoard run, the killed run's extra steps hidden
+        from tests.distill.test_runfiles import tensorboard_scalars
+
+        loss = tensorboard_scalars(out / "tensorboard")["train/loss"]
+        assert [s for s, _ in loss] == list(range(1, 13))
+        assert [v for _, v in loss] == pytest.approx([r["loss"] for r in read_log(out)], rel=1e-6)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from alignti.data.batching import collate
 from alignti.data.corpus import parse_row
 from alignti.data.encode import SampleEncoder
-from alignti.eval.saliency import box_mass
+from alignti.demo.saliency import box_mass
 from alignti.extract.teacher import HfTeacher
 from alignti.models.tiny import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer

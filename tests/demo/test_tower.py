@@ -7,7 +7,7 @@ from alignti.data.shapes_render import COLORS, SHAPES
 from alignti.models.loading import load_model, load_processor
 from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
 from alignti.models.tokenizer import train_tokenizer
-from alignti.models.tower import copy_tower, patch_labels, pretrain_tower, shapes_tower_data
+from alignti.demo.tower import copy_tower, patch_labels, pretrain_tower, shapes_tower_data
 
 
 def test_patch_labels_by_hand():

@@ -16,26 +16,26 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.demo.parallel import run_many
+from alignti.demo.report import write_report
+from alignti.demo.saliency import saliency_pictures
+from alignti.demo.tower import copy_tower, pretrain_demo_tower
 from alignti.distill.config import DistillConfig
-from alignti.distill.parallel import run_many
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.eval.saliency import box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
 from alignti.extract.irs import IrsConfig, run_irs
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tower import copy_tower, pretrain_tower, shapes_tower_data
-from alignti.demo_report import write_report
 
 MARKER = ".alignti-demo"
 RECIPES = ("sft", "kd", "alignti")
+TEACHER_RECIPE = "sft + grounding"  # SFT with the grounding term (distill/grounding.py)
 GROUND_LAYER = 1
 
 
@@ -46,7 +46,7 @@ class DemoPlan:
     n: int  # shapes records (train + test)
     teacher: dict  # AssembleConfig size fields
     students: dict[str, dict]  # name -> AssembleConfig size fields
-    tower_steps: int  # vision-tower pretraining (models/tower.py)
+    tower_steps: int  # vision-tower pretraining (demo/tower.py)
     teacher_steps: int
     teacher_lr: float
     ground_weight: float  # teacher SFT's grounding term (distill/grounding.py)
@@ -133,91 +133,88 @@ def train_config(student: Path, out: Path, plan: DemoPlan, steps: int, lr: float
                                      seed=seed, adam_beta2=0.98, progress=True, **kw))
 
 
-def pretrain_demo_tower(model_dir: Path, corpus: Path, root: Path, steps: int,
-                        seed: int) -> tuple[torch.nn.Module, dict]:
-    """The teacher init with its vision tower pretrained on the corpus's object annotations."""
-    model, processor = load_model(model_dir), load_processor(model_dir)
-    vision = model.config.vision_config
-    pixels, labels = shapes_tower_data(str(corpus), str(root), processor, vision.image_size // vision.patch_size)
-    labels = {k: labels[k] for k in ("color", "shape")}  # a quadrant head did not help (docs/results.md)
-    result = pretrain_tower(model, pixels, labels, steps, seed=seed)
-    print(f"vision tower: {steps} steps, per-patch accuracy {result.accuracy}", flush=True)
-    return model, {"steps": steps, "accuracy": result.accuracy}
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole pipeline; returns report.json's content."""
     plan = QUICK if cfg.quick else DEFAULT
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    hf_logging.disable_progress_bar()  # its bars per model load and save: noise, at these sizes done in ms
     stage, work = Stages(), prepare_workdir(cfg.workdir)
     shapes = work / "shapes"
     with stage("corpus"):
-        run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
+        corpus = run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
     train_json, test_json = shapes / "train.json", shapes / "test.json"
     with stage("models"):
-        init = {"teacher": run_assemble(AssembleConfig(out=str(work / "init" / "teacher"), random=True,
-                                                       corpus=str(train_json), seed=cfg.seed, **plan.teacher))}
-        for name, size in plan.students.items():
-            init[name] = run_assemble(AssembleConfig(out=str(work / "init" / name), random=True, seed=cfg.seed + 1,
-                                                     tokenizer_from=str(init["teacher"]), **size))
+        init = assemble_models(work / "init", plan, train_json, cfg.seed)
     with stage("vision_tower"):  # stands in for a pretrained SigLIP shared by teacher and students
         tower, tower_result = pretrain_demo_tower(init["teacher"], train_json, shapes, plan.tower_steps, cfg.seed)
         copy_tower(tower, list(init.values()))
     with stage("teacher_sft"):
-        teacher = Path(run_distill(train_config(
-            init["teacher"], work / "teacher", plan, plan.teacher_steps, plan.teacher_lr, cfg.seed,
-            data=str(train_json), image_root=str(shapes), recipe="sft", train="full",
-            ground_weight=plan.ground_weight, ground_layer=GROUND_LAYER))["final"])
+        teacher = train_teacher(init["teacher"], work / "teacher", plan, shapes, cfg.seed)
     with stage("irs"):
-        irs = run_irs(IrsConfig(teacher=str(teacher), data=str(train_json), image_root=str(shapes),
-                                out=str(work / "irs.json"), samples=plan.irs_samples))
+        irs = choose_iva_layer(teacher, shapes, work / "irs.json", plan.irs_samples)
     cache = work / "cache"
     with stage("extract"):
         extract = run_extract(ExtractConfig(teacher=str(teacher), data=str(train_json), image_root=str(shapes),
                                             out=str(cache), iva_layer=str(irs["layer"]), batch_size=16))
-    models = {"teacher": {"role": "teacher", "recipe": "sft", "path": teacher, "size": "teacher"}}
+    models = {"teacher": {"role": "teacher", "recipe": TEACHER_RECIPE, "path": teacher, "size": "teacher"}}
     with stage("distill"):  # six independent runs from the one cache, --jobs at a time
-        runs = {f"{name}-{recipe}": (name, recipe) for name in plan.students for recipe in RECIPES}
-        configs = [train_config(init[name], work / "students" / run, plan, plan.student_steps, plan.student_lr,
-                                cfg.seed, cache=str(cache), recipe=recipe, train="full")
-                   for run, (name, recipe) in runs.items()]
-        done = run_many(configs, list(runs), cfg.jobs, cfg.threads)
-        for (run, (name, recipe)), summary in zip(runs.items(), done):
-            models[run] = {"role": "student", "recipe": recipe, "path": Path(summary["final"]), "size": name}
+        models.update(distill_students(init, work / "students", plan, cache, cfg))
     with stage("eval"):
         for name, m in models.items():
-            m["scores"] = run_eval(EvalConfig(out=str(work / "eval" / name), benchmark="shapes",
-                                              questions=str(test_json), image_root=str(shapes), model=str(m["path"]),
-                                              batch_size=32))
+            m["scores"] = evaluate(m["path"], work / "eval" / name, shapes)
     with stage("saliency"):
         sal = saliency_pictures(teacher, test_json, shapes, irs["layer"], work / "saliency", plan.pictures)
     teacher_training = {"steps": plan.teacher_steps, "lr": plan.teacher_lr, "ground_weight": plan.ground_weight,
                         "ground_layer": GROUND_LAYER}
-    return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal,
-                        {"vision_tower": tower_result, "teacher_training": teacher_training}, stage.seconds, cfg.quick)
+    setup = {"vision_tower": tower_result, "teacher_training": teacher_training,
+             "test_questions": corpus["question_types"]["test"]}
+    return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, setup, stage.seconds,
+                        cfg.quick)
 
 
-def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
-    """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
-    model, processor = load_model(teacher), load_processor(teacher)
-    items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
-    with_box = [it for it in items if it.box]
-    masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
-    peaks = [peak_in_box(it.saliency, it.image_size, it.box) for it in with_box]
-    tokens = [object_patch_mass(it.saliency, it.image_size, it.box) for it in with_box]
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, it in enumerate(with_box[:pictures]):
-        with Image.open(root / it.sample.image_path) as im:
-            path = out / f"saliency_{i:02d}.png"
-            overlay(im, it).save(path)
-            files.append(str(path))
-    n = max(len(masses), 1)
-    return {"layer": layer, "samples": len(masses), "pictures": files,
-            "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
-            "mean_box_share": round(sum(s for _, s in masses) / n, 4),
-            "mean_mass_on_object_patches": round(sum(m for m, _ in tokens) / n, 4),
-            "mean_object_patch_share": round(sum(s for _, s in tokens) / n, 4),
-            "peak_in_box_rate": round(sum(hit for hit, _ in peaks) / n, 4),
-            "peak_in_box_chance": round(sum(c for _, c in peaks) / n, 4)}
+def assemble_models(out: Path, plan: DemoPlan, corpus: Path, seed: int) -> dict[str, Path]:
+    """Random teacher (its tokenizer trained on the corpus) and students sharing that tokenizer."""
+    init = {"teacher": run_assemble(AssembleConfig(out=str(out / "teacher"), random=True, corpus=str(corpus),
+                                                   seed=seed, **plan.teacher))}
+    for name, size in plan.students.items():
+        init[name] = run_assemble(AssembleConfig(out=str(out / name), random=True, seed=seed + 1,
+                                                 tokenizer_from=str(init["teacher"]), **size))
+    return init
+
+
+def train_teacher(init: Path, out: Path, plan: DemoPlan, shapes: Path, seed: int) -> Path:
+    """SFT with the grounding term on the corpus's object boxes -> the teacher's final directory."""
+    return Path(run_distill(train_config(
+        init, out, plan, plan.teacher_steps, plan.teacher_lr, seed, data=str(shapes / "train.json"),
+        image_root=str(shapes), recipe="sft", train="full", ground_weight=plan.ground_weight,
+        ground_layer=GROUND_LAYER))["final"])
+
+
+def choose_iva_layer(teacher: Path, shapes: Path, out: Path, samples: int) -> dict:
+    """`alignti irs` on the teacher; prints the choice. Returns irs.json's content plus "plot": the
+    bar chart run_irs writes beside it."""
+    irs = run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
+                            out=str(out), samples=samples))
+    irs["plot"] = str(out.with_suffix(".png"))
+    others = [s for i, s in enumerate(irs["scores"]) if i != irs["layer"]]
+    print(f"IVA layer l* = {irs['layer']}, IRS {irs['scores'][irs['layer']]:.3f}"
+          + (f" (other layers <= {max(others):.3f})" if others else "") + f"; plot {irs['plot']}", flush=True)
+    return irs
+
+
+def distill_students(init: dict[str, Path], out: Path, plan: DemoPlan, cache: Path, cfg: DemoConfig) -> dict[str, dict]:
+    """Every student size x recipe from the one cache, `cfg.jobs` at a time -> {run name: model entry}."""
+    runs = {f"{name}-{recipe}": (name, recipe) for name in plan.students for recipe in RECIPES}
+    configs = [train_config(init[name], out / run, plan, plan.student_steps, plan.student_lr, cfg.seed,
+                            cache=str(cache), recipe=recipe, train="full")
+               for run, (name, recipe) in runs.items()]
+    done = run_many(configs, list(runs), cfg.jobs, cfg.threads)
+    return {run: {"role": "student", "recipe": recipe, "path": Path(summary["final"]), "size": name}
+            for (run, (name, recipe)), summary in zip(runs.items(), done)}
+
+
+def evaluate(model: Path, out: Path, shapes: Path) -> dict:
+    """`alignti eval` of one model on the held-out split -> its scores (its printed table names the model)."""
+    return run_eval(EvalConfig(out=str(out), benchmark="shapes", questions=str(shapes / "test.json"),
+                               image_root=str(shapes), model=str(model), batch_size=32))

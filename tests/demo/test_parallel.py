@@ -2,7 +2,7 @@
 
 import pytest
 
-from alignti.distill.parallel import run_many
+from alignti.demo.parallel import run_many
 from alignti.errors import AlignTIError
 from tests.distill.worlds import distill_config
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alignti import demo
+from alignti.demo import run as demo
+from alignti.demo.report import position_note
 from alignti.errors import AlignTIError
 
 _V = dict(vision_hidden=32, vision_layers=1, image_size=32, patch=16, vocab_size=320)
@@ -19,7 +20,7 @@ MICRO = demo.DemoPlan(
     irs_samples=8, pictures=2)
 
 
-def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
+def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "QUICK", MICRO)
     work = tmp_path / "demo"
     report = demo.run_demo(demo.DemoConfig(workdir=str(work), quick=True, jobs=2))
@@ -28,8 +29,10 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
     models = on_disk["models"]
     assert [m["name"] for m in models] == ["teacher"] + [f"{s}-{r}" for s in MICRO.students for r in demo.RECIPES]
     types = {"color", "shape", "position", "count", "existence"}
+    assert models[0]["role"] == "teacher" and models[0]["recipe"] == "sft + grounding"
     for m in models:
-        assert m["role"] in ("teacher", "student") and m["recipe"] in demo.RECIPES and m["params"] > 0
+        assert m["role"] in ("teacher", "student") and m["params"] > 0
+        assert m["recipe"] in demo.RECIPES or m["role"] == "teacher"
         assert set(m["accuracy"]) == types | {"overall"}
     cache = on_disk["cache"]
     assert Path(cache["path"]) == (work / "cache").resolve() and cache["fingerprint"]["weights"]
@@ -46,7 +49,20 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch):
     sal = on_disk["saliency"]
     assert sal["mean_mass_in_box"] <= sal["mean_mass_on_object_patches"] <= 1 and 0 < sal["mean_object_patch_share"] < 1
     assert len(on_disk["saliency"]["pictures"]) == 2 and all(Path(p).is_file() for p in on_disk["saliency"]["pictures"])
-    assert (work / "report.md").read_text().count("![saliency]") == 2
+    md = (work / "report.md").read_text()
+    assert md.count("![saliency]") == 2 and "gold answer" in md
+    assert "![IRS per layer](irs.png)" in md and (work / "irs.png").is_file()
+    assert "cannot rank the recipes" in md and "bench/paper_table.py" in md and "docs/results.md" in md
+    assert "Position questions" in md and on_disk["test_questions"]["position"] >= 1
+    assert "| teacher | teacher | sft + grounding |" in md and "Teacher (sft + grounding)" in md
+    for m in models:  # each model's loss plot is linked, and exists
+        link = f"[{m['name']}]({Path(m['path']).parent.relative_to(work) / 'loss.png'})"
+        assert link in md and (work / Path(m["path"]).parent.relative_to(work) / "loss.png").is_file(), link
+    out = capsys.readouterr().out
+    layer = on_disk["irs"]["layer"]
+    assert f"IVA layer l* = {layer}, IRS {on_disk['irs']['scores'][layer]:.3f}" in out
+    for m in models[1:]:  # each eval table names its model
+        assert f"shapes (llava scoring), model {m['name']}_final" in out
 
 
 def test_demo_refuses_a_foreign_workdir(tmp_path):
@@ -55,3 +71,15 @@ def test_demo_refuses_a_foreign_workdir(tmp_path):
         demo.prepare_workdir(str(tmp_path))
     with pytest.raises(AlignTIError, match="--jobs"):
         demo.DemoConfig(jobs=0)
+
+
+def test_position_note_calls_chance_within_two_standard_errors():
+    rows = [{"name": "teacher", "accuracy": {"position": 26.0}},
+            {"name": "student-s-sft", "accuracy": {"position": 33.0}}]
+    note = position_note(rows, 100)  # two standard errors of 25% over 100 questions: 8.7 points
+    assert note.startswith("Position questions are at chance for every model: 26.0-33.0%") and "8.7 points" in note
+    rows[1]["accuracy"]["position"] = 34.0
+    assert position_note(rows, 100).endswith("is chance): above chance for student-s-sft; at chance for teacher.")
+    rows[0]["accuracy"]["position"] = 16.0
+    assert position_note(rows, 100).endswith("above chance for student-s-sft; below chance for teacher.")
+    assert position_note(rows, 0) == ""

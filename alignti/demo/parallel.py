@@ -25,6 +25,7 @@ from alignti.cliargs import to_argv
 from alignti.distill import checkpoint as ckpt
 from alignti.distill.config import DistillConfig
 from alignti.errors import AlignTIError
+from alignti.progress import progress_bar
 
 
 def _log_path(cfg: DistillConfig) -> Path:
@@ -56,7 +57,7 @@ def run_many(configs: list[DistillConfig], names: list[str], jobs: int, threads:
     """Run every config, `jobs` at a time; returns their summaries in order. A failed run raises
     with the tail of its stderr log (the runs still going are stopped first)."""
     pending, running, results = list(range(len(configs))), {}, [None] * len(configs)
-    bar = tqdm(total=sum(c.max_steps or 0 for c in configs) or None, desc="distill", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=sum(c.max_steps or 0 for c in configs) or None, desc="distill", unit="step")
     done_steps = 0
     try:
         while pending or running:
@@ -78,8 +79,7 @@ def run_many(configs: list[DistillConfig], names: list[str], jobs: int, threads:
                 done_steps += results[i]["steps"]
                 tqdm.write(f"  {names[i]}: {results[i]['steps']} steps in {time.time() - t0:.1f}s, "
                            f"final loss {results[i]['final_losses'].get('loss', float('nan')):.3f}")
-            bar.n = done_steps + sum(_steps_done(configs[i]) for i in running)
-            bar.refresh()
+            bar.update(done_steps + sum(_steps_done(configs[i]) for i in running) - bar.n)
     finally:
         for proc, log, _ in running.values():  # only after a failure or an interrupt
             proc.kill()

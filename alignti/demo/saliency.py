@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from transformers import PreTrainedModel, ProcessorMixin
 
 from alignti.data.batching import collate, length_grouped
 from alignti.data.boxes import patch_overlap
 from alignti.data.corpus import CorpusRow, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.extract.teacher import HfTeacher
-from alignti.storage.schema import CacheSettings
+from alignti.extract.teacher import plain_pass
+from alignti.models.loading import load_model, load_processor
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,11 @@ class SaliencyItem:
     box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 in original image pixels
     image_size: tuple[int, int]  # original (width, height)
     question: str
-    answer: str
+    answer: str  # the gold answer (the corpus's)
 
 
-def box_mass(saliency: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float]:
+def box_mass(saliency: np.ndarray, size: tuple[int, int],
+             box: tuple[float, float, float, float]) -> tuple[float, float]:
     """(saliency mass inside the box, the box's share of the image area)."""
     grid = int(round(math.sqrt(saliency.shape[0])))
     frac = patch_overlap(grid, size, box)
@@ -69,10 +73,13 @@ def object_patch_mass(saliency: np.ndarray, size: tuple[int, int],
     return float(saliency.astype(np.float64)[touches].sum()), float(touches.mean())
 
 
-def teacher_saliency(model, processor, data: str, image_root: str, layer: int, limit: int,
-                     batch_size: int = 16) -> list[SaliencyItem]:
-    """Saliency at `layer` for the first `limit` image samples of a corpus (via the extraction code)."""
+@torch.inference_mode()
+def teacher_saliency(model: PreTrainedModel, processor: ProcessorMixin, data: str, image_root: str, layer: int,
+                     limit: int, batch_size: int = 16) -> list[SaliencyItem]:
+    """Saliency at `layer` for the first `limit` image samples of a corpus: one plain teacher pass
+    with the probe per batch (`extract.teacher.plain_pass`, the pass extraction caches it from)."""
     encoder = SampleEncoder(processor, image_root, 4096)
+    pad_id = processor.tokenizer.pad_token_id
     rows: dict[str, CorpusRow] = {}
     samples = []
     for row in read_corpus(data):
@@ -82,22 +89,21 @@ def teacher_saliency(model, processor, data: str, image_root: str, layer: int, l
         if isinstance(enc, EncodedSample):
             samples.append(enc)
             rows[enc.sample_id] = row
-    settings = CacheSettings(top_k=1, tpa_d=0, iva_layer=layer, iva_max_positions=1, iva_top_k=1)
-    teacher = HfTeacher(model, settings, processor.tokenizer.pad_token_id)
     items = []
     for group in length_grouped(samples, batch_size):
-        for s, sig in zip(group, teacher(collate(group, processor.tokenizer.pad_token_id))):
+        _, saliency = plain_pass(model, collate(group, pad_id).to(model.device, model.dtype), layer)  # [B, n_v]
+        for b, s in enumerate(group):
             row = rows[s.sample_id]
             box = row.extra.get("target_box")
-            items.append(SaliencyItem(s, sig.saliency, tuple(box) if box else None, s.image_size,
-                                      row.turns[0][1].replace("<image>", "").strip(), row.turns[1][1]))
+            items.append(SaliencyItem(s, saliency[b, : s.n_v].float().cpu().numpy(), tuple(box) if box else None,
+                                      s.image_size, row.turns[0][1].replace("<image>", "").strip(), row.turns[1][1]))
     return items
 
 
 def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Image:
     """The image upscaled and dimmed where the saliency is low (the most salient patch keeps full
     brightness, a patch with none keeps 20%), each patch's share printed on it (grids up to 8 x 8),
-    the box outlined, question and answer printed above."""
+    the box outlined, the question and its gold answer (the corpus's) printed above."""
     grid = int(round(math.sqrt(item.saliency.shape[0])))
     base = image.convert("RGB").resize((side, side), Image.NEAREST)
     heat = item.saliency.reshape(grid, grid).astype(np.float64)
@@ -118,5 +124,30 @@ def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Im
         x0, y0, x1, y1 = item.box
         draw.rectangle([x0 * sx, 36 + y0 * sy, x1 * sx - 1, 36 + y1 * sy - 1], outline=(0, 255, 255), width=2)
     draw.text((4, 2), item.question[:48], fill="black")
-    draw.text((4, 18), f"answer: {item.answer}   (numbers: teacher saliency per patch)", fill="black")
+    draw.text((4, 18), f"gold answer: {item.answer}", fill="black")  # the corpus's, not the teacher's reply
     return canvas
+
+
+def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
+    """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
+    model, processor = load_model(teacher), load_processor(teacher)
+    items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
+    with_box = [it for it in items if it.box]
+    masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]
+    peaks = [peak_in_box(it.saliency, it.image_size, it.box) for it in with_box]
+    tokens = [object_patch_mass(it.saliency, it.image_size, it.box) for it in with_box]
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, it in enumerate(with_box[:pictures]):
+        with Image.open(root / it.sample.image_path) as im:
+            path = out / f"saliency_{i:02d}.png"
+            overlay(im, it).save(path)
+            files.append(str(path))
+    n = max(len(masses), 1)
+    return {"layer": layer, "samples": len(masses), "pictures": files,
+            "mean_mass_in_box": round(sum(m for m, _ in masses) / n, 4),
+            "mean_box_share": round(sum(s for _, s in masses) / n, 4),
+            "mean_mass_on_object_patches": round(sum(m for m, _ in tokens) / n, 4),
+            "mean_object_patch_share": round(sum(s for _, s in tokens) / n, 4),
+            "peak_in_box_rate": round(sum(hit for hit, _ in peaks) / n, 4),
+            "peak_in_box_chance": round(sum(c for _, c in peaks) / n, 4)}
