@@ -109,7 +109,9 @@ def distill_figures(d: dict, stream: dict, memory: dict) -> list[dict]:
                    note=f"warned={pad['warned']}, max mass {pad['max_mass']:.2e}"),
             figure(f"max teacher mass on ids >= {vocab} in a cached row", pad["max_mass"]),
             figure(f"TPA candidates >= {vocab} (masked: weight 0, outside the warning), fraction",
-                   pad["tpa_candidates_padded"] / max(pad["tpa_candidates"], 1))]
+                   pad["tpa_candidates_padded"] / max(pad["tpa_candidates"], 1)),
+            figure(f"largest teacher probability of a masked candidate >= {vocab}",
+                   pad["tpa_padded_candidate_max_prob"])]
     for name, frac in pad["rows_with_padded_ids"].items():
         rows.append(figure(f"cached {name} rows with ids >= {vocab}, fraction", frac))
     for recipe in ("sft", "kd", "alignti"):

@@ -76,10 +76,12 @@ def padded_check(stepper: Stepper, examples: list) -> dict:
         if ids.numel():
             worst = max(worst, float(padded_teacher_mass(ids, lps, vocab).max()))
     cands = np.concatenate([e.signals.tpa_cand_ids.reshape(-1) for e in examples])
+    cand_lps = np.concatenate([e.signals.tpa_cand_logprobs.reshape(-1) for e in examples])
     batches = [stepper.batch([e]) for e in examples]
     return {"student_vocab": vocab, "max_mass": worst, "expected": worst > PADDED_MASS_WARN,
             "rows_with_padded_ids": rows,
             "tpa_candidates_padded": int((cands >= vocab).sum()), "tpa_candidates": int(cands.size),
+            "tpa_padded_candidate_max_prob": float(np.exp(cand_lps[cands >= vocab]).max(initial=0.0)),
             "warned": warn_padded_mass(batches, vocab, stepper.loss_cfg.weights())}
 
 
