@@ -132,7 +132,8 @@ def distill_figures(d: dict, stream: dict, memory: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run the benchmark (or, with --worker, the distill worker); returns the result written to --out."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2, help="decoder and tower layers of every model")
     ap.add_argument("--samples", type=int, default=8)
@@ -150,14 +151,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/scale.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     widths = realshape.QUICK if args.quick else realshape.REAL
     if args.quick:
         args.samples = min(args.samples, 4)
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(distill_worker(Path(args.work), args)))
-        return
+        return None
     start, phases = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -184,6 +185,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out} ({result['wall_seconds']:.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
+    return result
 
 
 if __name__ == "__main__":
