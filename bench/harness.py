@@ -86,19 +86,28 @@ def timed(fn, repeats: int) -> float:
 
 
 @contextmanager
-def layer_seconds(modules: Sequence[torch.nn.Module]) -> Iterator[list[float]]:
-    """Seconds spent inside `modules`' forwards (e.g. the decoder layers), summed, in out[0]."""
-    out, start = [0.0], {}
+def layer_seconds(modules: Sequence[torch.nn.Module], backward: bool = False) -> Iterator[dict[str, float]]:
+    """Seconds spent inside `modules` (e.g. the decoder layers), summed: out["forward"], and with
+    backward=True out["backward"] (from the gradient reaching a module's output to its input's)."""
+    out, start = {"forward": 0.0, "backward": 0.0}, {}
 
-    def pre(module, args):
-        sync()
-        start[id(module)] = time.perf_counter()
+    def opened(kind: str):
+        def hook(module, *_):
+            sync()
+            start[(kind, id(module))] = time.perf_counter()
+        return hook
 
-    def post(module, args, output):
-        sync()
-        out[0] += time.perf_counter() - start.pop(id(module))
+    def closed(kind: str):
+        def hook(module, *_):
+            sync()
+            out[kind] += time.perf_counter() - start.pop((kind, id(module)))
+        return hook
 
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(opened("forward")),
+                                            m.register_forward_hook(closed("forward")))]
+    if backward:
+        handles += [h for m in modules for h in (m.register_full_backward_pre_hook(opened("backward")),
+                                                 m.register_full_backward_hook(closed("backward")))]
     try:
         yield out
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import realshape
-from harness import Stepper, lm_layers, peak_rss_bytes, reset_peak_rss, rss_bytes, sync, tower_layers
+from harness import Stepper, layer_seconds, lm_layers, peak_rss_bytes, reset_peak_rss, rss_bytes, sync, tower_layers
 
 from alignti.data.batching import collate
 from alignti.data.corpus import read_corpus
@@ -126,32 +126,9 @@ def distill_worker(work: Path, args: argparse.Namespace) -> dict:
     micro = [m for m in epoch_micro_batches([e.student.length for e in offline], args.batch_size, 0, 0)
              if len(m) == args.batch_size][: args.warmup + args.steps]
     layers = lm_layers(model)
-    times, peaks, tokens = {r: [] for r in RECIPES}, {r: [] for r in RECIPES}, {"plain": 0, "ribbon": 0}
-    activations = Counter()
-    for i, idx in enumerate(micro):
-        group = [offline[j] for j in idx]
-        if i >= args.warmup:
-            ribbon = steppers["alignti"].batch(group)
-            tokens["plain"] += ribbon.num_tokens
-            tokens["ribbon"] += ribbon.num_tokens + int(ribbon.tpa_rows.numel())
-        for recipe in RECIPES:  # interleaved: machine noise hits every recipe alike
-            measure = i == 0 and recipe == "alignti"
-            reset_peak_rss()
-            sync()
-            t0 = time.perf_counter()
-            with saved_bytes_per_layer(model, layers) if measure else _nothing() as saved:
-                steppers[recipe](group, optimizer)
-            sync()
-            if measure:
-                activations = saved
-            if i >= args.warmup:
-                times[recipe].append(time.perf_counter() - t0)
-                peaks[recipe].append(peak_rss_bytes() - base)
-    out = {"layers": args.layers, "batch_size": args.batch_size, "baseline_rss_bytes": base,
-           "step_seconds": {r: statistics.median(v) for r, v in times.items()},
-           "peak_rss_above_baseline_bytes": {r: max(v) for r, v in peaks.items()},
-           "ribbon_token_ratio": tokens["ribbon"] / tokens["plain"], "tokens": tokens,
-           "student_layer_activation_bytes": max(activations.values(), default=0),
+    rounds = run_rounds(steppers, [[offline[j] for j in idx] for idx in micro], optimizer, layers,
+                        tower_layers(model), base, args.warmup)
+    out = {"layers": args.layers, "batch_size": args.batch_size, "baseline_rss_bytes": base, **rounds,
            "student_layer_params": n_params(layers[0]),
            "student_tower_layer_params": n_params(tower_layers(model)[0]),
            "padded": padded_check(steppers["alignti"], offline)}
@@ -162,6 +139,42 @@ def distill_worker(work: Path, args: argparse.Namespace) -> dict:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield None
+
+
+def run_rounds(steppers: dict, groups: list[list], optimizer, layers: list, tower: list, base: int,
+               warmup: int) -> dict:
+    """One step of every recipe per group, interleaved (machine noise hits every recipe alike): median
+    seconds and per-step peak RSS above `base` after `warmup` rounds, the seconds inside the decoder
+    layers (forward and backward) and tower layers, the ribbon's token ratio, and the activations a
+    decoder layer saves (the first Align-TI step)."""
+    times, peaks, decoder, vision = ({r: [] for r in RECIPES} for _ in range(4))
+    tokens, activations = {"plain": 0, "ribbon": 0}, Counter()
+    for i, group in enumerate(groups):
+        if i >= warmup:
+            ribbon = steppers["alignti"].batch(group)
+            tokens["plain"] += ribbon.num_tokens
+            tokens["ribbon"] += ribbon.num_tokens + int(ribbon.tpa_rows.numel())
+        for recipe in RECIPES:
+            measure = i == 0 and recipe == "alignti"
+            reset_peak_rss()
+            sync()
+            t0 = time.perf_counter()
+            with (saved_bytes_per_layer(steppers[recipe].model, layers) if measure else _nothing()) as saved, \
+                    layer_seconds(layers, backward=True) as t_lm, layer_seconds(tower) as t_tower:
+                steppers[recipe](group, optimizer)
+            sync()
+            activations = saved if measure else activations
+            if i >= warmup:
+                times[recipe].append(time.perf_counter() - t0)
+                peaks[recipe].append(peak_rss_bytes() - base)
+                decoder[recipe].append((t_lm["forward"] + t_lm["backward"]) / len(layers))
+                vision[recipe].append(t_tower["forward"] / len(tower))  # frozen: no backward
+    return {"step_seconds": {r: statistics.median(v) for r, v in times.items()},
+            "peak_rss_above_baseline_bytes": {r: max(v) for r, v in peaks.items()},
+            "decoder_layer_seconds": {r: statistics.median(v) for r, v in decoder.items()},
+            "tower_layer_seconds": {r: statistics.median(v) for r, v in vision.items()},
+            "ribbon_token_ratio": tokens["ribbon"] / tokens["plain"], "tokens": tokens,
+            "student_layer_activation_bytes": max(activations.values(), default=0)}
 
 
 def extrapolate_memory(d: dict) -> dict:

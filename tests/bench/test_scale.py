@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TARGETED = ("extract / bare teacher forwards (2 layers)", "extract / bare teacher forwards, extrapolated",
             "padded-vocab warning fires exactly when", "distill: KD / SFT step", "distill: Align-TI / SFT step",
-            "distill: Align-TI / SFT peak memory", "distill: first epoch streamed / from memory",
+            "distill: Align-TI / SFT peak memory", "distill: Align-TI / SFT step, extrapolated", "distill: first epoch streamed / from memory",
             "offline / online peak memory at the paper's sizes")
 REPORTED = ("extract: seconds per sample", "cache bytes / sample, topk", "cache bytes / response token, tpa",
             "max teacher mass on ids", "distill: sft step seconds", "distill: alignti step peak RSS",
