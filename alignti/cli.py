@@ -28,7 +28,7 @@ from alignti.storage.inspect import InspectConfig, run_inspect
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="alignti")
 def cli() -> None:
-    """Offline Align-TI distillation for LLaVA-style multimodal LLMs."""
+    """Offline Align-TI distillation for multimodal LLMs (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 
 @cli.group()
@@ -46,7 +46,7 @@ def data_shapes(cfg: ShapesConfig) -> None:
 @cli.command()
 @from_dataclass(AssembleConfig)
 def assemble(cfg: AssembleConfig) -> None:
-    """Build a LLaVA model from a local LM + vision tower, or a tiny random one (--random)."""
+    """Build a LLaVA model from a local LM + vision tower, or a tiny random one of any family (--random)."""
     click.echo(str(run_assemble(cfg)))
 
 

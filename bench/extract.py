@@ -27,8 +27,9 @@ from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import load_parts, save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
+from alignti.models.loading import load_model
 from alignti.models.tokenizer import train_tokenizer
 from harness import bare_forwards, timed
 
@@ -45,9 +46,9 @@ def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
 def probe_ratio(model, group: list[EncodedSample], pad_id: int, layer: int, repeats: int) -> dict:
     batch = collate(group, pad_id)
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.images,
               use_cache=False)
-    queries, keys = probe_targets(tuple(group), group[0].n_v)
+    queries, keys = probe_targets(tuple(group))
 
     def plain() -> None:
         with torch.inference_mode():
@@ -81,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         teacher_dir, shapes = build(work, args)
-        model, processor = load_model(teacher_dir), load_processor(teacher_dir)
+        model, processor = load_model(teacher_dir), load_parts(teacher_dir)
         pad_id = processor.tokenizer.pad_token_id
         encoder = SampleEncoder(processor, str(shapes), 1024)
         samples = [encoder.encode(r) for r in read_corpus(shapes / "train.json")]

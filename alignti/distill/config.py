@@ -110,7 +110,7 @@ def _resumable(**meta: Any) -> dict[str, Any]:
 class DistillConfig:
     """`alignti distill` options; field names are CLI option names (`_` -> `-`)."""
 
-    student: str = field(metadata={"help": "student model directory (LLaVA-style, loadable with the Auto classes)"})
+    student: str = field(metadata={"help": "student model directory (LLaVA or Qwen-VL, loadable with the Auto classes)"})
     out: str = field(metadata={"help": "output directory: log.jsonl, checkpoints/, final/ (the trained student)"})
     cache: str | None = field(default=None, metadata={"help": "teacher-signal cache from `alignti extract`"})
     data: str | None = field(default=None, metadata={
@@ -133,6 +133,10 @@ class DistillConfig:
     example_memory_mb: int = field(default=512, metadata=_resumable(
         help="keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so later "
              "epochs skip decoding and cache reads (0 = off)"))
+    num_workers: int | None = field(default=None, metadata=_resumable(
+        help="DataLoader worker processes per training process that build the coming micro-batches (image "
+             "decode, tokenisation, cache reads, assembly) while the model trains; 0 = in the training process "
+             "[default: 2 on GPU, 0 on CPU, where the step's threads already use every core]"))
     adam_beta2: float = field(default=0.999, metadata={
         "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -187,6 +191,8 @@ class DistillConfig:
             raise AlignTIError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise AlignTIError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise AlignTIError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.example_memory_mb < 0:
             raise AlignTIError(f"--example-memory-mb must be >= 0, got {self.example_memory_mb}")
         if not 0.0 < self.adam_beta2 < 1.0:

@@ -19,7 +19,8 @@ from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, m
 from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
-from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.family import load_parts
+from alignti.models.loading import DTYPES, load_model, resolve_device, resolve_dtype
 from alignti.storage.files import write_json_atomic
 
 RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
@@ -130,8 +131,8 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
         raise AlignTIError(f"{cfg.benchmark} questions have images: pass --image-root")
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
-    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    gen = make_generator(model, processor, cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.benchmark])
+    parts = load_parts(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    gen = make_generator(model, parts, cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.benchmark])
     return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
 
 

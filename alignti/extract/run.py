@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -24,12 +23,13 @@ from alignti.data.batching import Batch, collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
-from alignti.extract.irs import calibration_samples, compute_irs
+from alignti.extract.irs import calibration_samples, check_calibration, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.family import ModelParts, load_parts
+from alignti.models.loading import load_config, load_model, resolve_device, resolve_dtype
 from alignti.progress import progress_bar
 from alignti.storage.lifecycle import load_existing, local_root
 from alignti.storage.schema import RUN_YAML, CacheManifest, CacheSettings
@@ -123,8 +123,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     if existing is not None and existing.settings.iva_layer is not None:
         return existing.settings.iva_layer, existing.settings.irs_scores
     samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
-    if len(samples) < 2:
-        raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
+    check_calibration(samples, "--iva-layer auto: pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), scores.tolist()  # full precision: JSON floats round-trip
 
@@ -158,7 +157,7 @@ class Teacher:
     """The loaded teacher and what extraction derives from it (`run_extract` and its dry run)."""
 
     model: PreTrainedModel | None  # the HF teacher; None with --backend vllm (loaded by signal_backend)
-    processor: Any
+    parts: ModelParts
     encoder: SampleEncoder
     settings: CacheSettings
     manifest: CacheManifest
@@ -168,23 +167,23 @@ class Teacher:
 
     @property
     def pad_id(self) -> int:
-        return self.processor.tokenizer.pad_token_id
+        return self.parts.tokenizer.pad_token_id
 
 
 def load_teacher(cfg: ExtractConfig) -> Teacher:
-    """Load the teacher and its processor, resolve the IVA layer (IRS), fix the cache settings."""
+    """Load the teacher and its parts, resolve the IVA layer (IRS), fix the cache settings."""
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     dtype = resolve_dtype(cfg.dtype, device)
     # The vLLM backend loads the full HF teacher only for IRS (then frees it).
     model = load_model(cfg.teacher, device, dtype) if cfg.backend == "hf" else None
-    processor = load_processor(cfg.teacher)
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    parts = load_parts(cfg.teacher)
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     teacher_config = load_config(cfg.teacher)
     iva_layer, irs = resolve_iva_layer(cfg, teacher_config.get_text_config().num_hidden_layers,
                                        lambda: model or load_model(cfg.teacher, device, dtype), encoder,
-                                       processor.tokenizer.pad_token_id)
+                                       parts.tokenizer.pad_token_id)
     settings = CacheSettings(top_k=cfg.top_k, tpa_d=cfg.tpa_d, tpa_top_k=cfg.tpa_top_k, tpa_proposal=cfg.tpa_proposal,
                              tpa_max_positions=cfg.tpa_max_positions, iva_max_positions=cfg.iva_max_positions,
                              iva_top_k=cfg.iva_top_k, iva_layer=iva_layer, irs_scores=irs, seed=cfg.seed,
@@ -192,7 +191,7 @@ def load_teacher(cfg: ExtractConfig) -> Teacher:
     manifest = CacheManifest.create(fingerprint_model_dir(cfg.teacher), settings, extra={
         "data": str(Path(cfg.data).resolve()), "image_root": str(Path(cfg.image_root).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()), "backend": cfg.backend})
-    return Teacher(model, processor, encoder, settings, manifest, device, dtype, teacher_config.image_token_id)
+    return Teacher(model, parts, encoder, settings, manifest, device, dtype, teacher_config.image_token_id)
 
 
 def signal_backend(cfg: ExtractConfig, t: Teacher) -> Callable[[Batch], list]:
