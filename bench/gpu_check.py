@@ -65,10 +65,11 @@ def ribbon_check(work: Path, device: str, precision: str) -> dict:
     from alignti.distill.config import LossConfig
     from alignti.distill.examples import cache_examples
     from alignti.distill.objective import Objective
-    from alignti.models.loading import load_model, load_processor
+    from alignti.models.family import load_parts
+    from alignti.models.loading import load_model
     from alignti.storage.reader import CacheReader
 
-    processor = load_processor(work / "student")
+    processor = load_parts(work / "student")
     examples, _ = cache_examples(CacheReader.open(str(work / "cache")), SampleEncoder(processor, None, 4096), None)
     ex = examples.get_many([0])[0]
     model = load_model(work / "student", device, torch.float32)
@@ -79,7 +80,7 @@ def ribbon_check(work: Path, device: str, precision: str) -> dict:
                                 device, torch.float32, vocab_size=vocab)
     autocast = torch.bfloat16 if precision == "bf16" else None
     objective, head = Objective(model, loss_cfg, autocast=autocast), model.get_output_embeddings()
-    ids, pixels = ex.student.input_ids.to(device), batch.pixel_values
+    ids, images = ex.student.input_ids.to(device), batch.images
     steps = ex.student.resp_positions[torch.from_numpy(ex.signals.tpa_rows.astype("int64"))][:CHECKED_STEPS]
     d = ex.signals.tpa_cand_ids.shape[1]
     rows = batch.tpa_rows[: len(steps) * d]  # step-major: row t * d + j
@@ -89,7 +90,7 @@ def ribbon_check(work: Path, device: str, precision: str) -> dict:
         positions = torch.arange(prefix.numel(), device=device)
         positions[-1] += shift
         return model.model(input_ids=prefix[None], attention_mask=torch.ones_like(prefix)[None],
-                           position_ids=positions[None], pixel_values=pixels, use_cache=False)[0][0, -1]
+                           position_ids=positions[None], **images, use_cache=False)[0][0, -1]
 
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast is not None):
         flat = objective._hidden(batch, [])[0].reshape(-1, model.config.get_text_config().hidden_size)
@@ -102,7 +103,7 @@ def ribbon_check(work: Path, device: str, precision: str) -> dict:
                 right.append(log_probs(head, plain_last(torch.cat([ids[: t + 1], cand]))) - ref)
                 no_yt.append(log_probs(head, plain_last(torch.cat([ids[:t], cand]))) - ref)
                 moved.append(log_probs(head, plain_last(torch.cat([ids[: t + 1], cand]), shift=1)) - ref)
-        plain = model.model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], pixel_values=pixels,
+        plain = model.model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], **images,
                             use_cache=False)[0][0]
         gt = log_probs(head, plain[ex.student.resp_positions.to(device)]) - log_probs(head, flat[batch.resp_rows])
     right = torch.stack(right).abs()
@@ -123,20 +124,21 @@ def probe_check(work: Path, device: str) -> dict:
     from alignti.data.batching import collate
     from alignti.data.corpus import read_corpus
     from alignti.data.encode import SampleEncoder
-    from alignti.models.loading import load_model, load_processor
+    from alignti.models.family import load_parts
+    from alignti.models.loading import load_model
     from alignti.models.probe import l1_normalize, probe_attention, probe_targets
     from alignti.storage.reader import CacheReader
 
     layer = CacheReader.open(str(work / "cache")).manifest.settings.iva_layer
     other = layer - 1 if layer > 0 else layer + 1
-    processor = load_processor(work / "teacher")
+    processor = load_parts(work / "teacher")
     encoder = SampleEncoder(processor, str(work / "shapes"), 4096)
     samples = [encoder.encode(r) for r in list(read_corpus(work / "shapes" / "long.json"))[:2]]
     batch = collate(samples, processor.tokenizer.pad_token_id).to(device, torch.bfloat16)
     model = load_model(work / "teacher", device, torch.bfloat16)
     sharpen(model)
-    queries, keys = probe_targets(batch.samples, samples[0].n_v)
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
+    queries, keys = probe_targets(batch.samples)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.images}
     with torch.no_grad():
         with probe_attention(model, [layer], queries, keys) as probe:
             model.model(**inputs)

@@ -149,8 +149,8 @@ def bare_forwards(model, batches: list, pad_id: int, d: int) -> float:
         sync()
         t0 = time.perf_counter()
         cache = DynamicCache(config=model.config.get_text_config())
-        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, cache=cache, use_cache=True)[0]
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.images,
+                             cache=cache, use_cache=True)[0]
         sync()
         total += time.perf_counter() - t0
         steps = [s.resp_positions for s in group]

@@ -31,7 +31,8 @@ from alignti.distill.examples import cache_examples
 from alignti.distill.losses import combine
 from alignti.distill.order import epoch_micro_batches
 from alignti.distill.train import build_optimizer, freeze, make_accelerator
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 
 KINDS = {"sft": ("sft", {}), "kd": ("kd", {}), "kd+iva": ("alignti", {"tpa_weight": 0.0}),
@@ -85,7 +86,7 @@ def main() -> None:
         bench_distill.build_world(work, sizes)
         cfg = DistillConfig(cache=str(work / "cache"), student=str(work / "student"), out=str(work / "unused"))
         acc = make_accelerator(cfg, find_unused=False)
-        processor = load_processor(work / "student")
+        processor = load_parts(work / "student")
         examples, _ = cache_examples(CacheReader.open(cfg.cache), SampleEncoder(processor, None, 2048), None)
         examples = examples.get_many(range(len(examples)))
         model = load_model(work / "student", "cpu", torch.float32).train()

@@ -27,7 +27,8 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.models.tiny import build_processor, save_model_dir
+from alignti.models.family import save_model_dir
+from alignti.models.llava import LLAVA, build_processor
 from alignti.models.tokenizer import ensure_image_token, train_tokenizer
 
 FULL_DEPTH = {"student": 24, "teacher": 28, "tower": 27}  # Qwen2.5-0.5B, Qwen2.5-7B, SigLIP-so400m
@@ -119,6 +120,6 @@ def build_models(work: Path, corpus: Path, w: Widths, layers: int, tower_layers:
         config = llava_config(text, w, layers, tower_layers, image_token_id, tokenizer.pad_token_id)
         torch.manual_seed(0 if role == "teacher" else 1)
         model = LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
-        out[role] = save_model_dir(model, build_processor(tokenizer, w.image, w.patch), work / role)
+        out[role] = save_model_dir(model, LLAVA.parts_of(build_processor(tokenizer, w.image, w.patch)), work / role)
         del model
     return out

@@ -50,7 +50,8 @@ from alignti.data.batching import length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.loading import DTYPES, load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import DTYPES, load_model
 from alignti.storage.reader import CacheReader
 from alignti.storage.stats import signal_bytes
 
@@ -62,7 +63,7 @@ def extract_part(work: Path, args: argparse.Namespace) -> dict:
     cfg = ExtractConfig(teacher=str(teacher_dir), data=str(corpus), image_root=str(work / "shapes"),
                         out=str(work / "cache"), iva_layer=str(args.layers // 2), batch_size=args.extract_batch,
                         device="cpu", dtype=args.extract_dtype, max_length=4096)
-    model, processor = load_model(teacher_dir, "cpu", dtype), load_processor(teacher_dir)
+    model, processor = load_model(teacher_dir, "cpu", dtype), load_parts(teacher_dir)
     pad_id = processor.tokenizer.pad_token_id
     encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
     batches = list(length_grouped((encoder.encode(r) for r in read_corpus(corpus)), cfg.batch_size))

@@ -28,7 +28,8 @@ from alignti.distill.kl import PADDED_MASS_WARN, padded_teacher_mass
 from alignti.distill.order import epoch_micro_batches
 from alignti.distill.train import build_optimizer, freeze, make_accelerator, run_distill, warn_padded_mass
 from alignti.extract.teacher import HfTeacher
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 
 RECIPES = ("sft", "kd", "alignti")
@@ -87,7 +88,7 @@ def padded_check(stepper: Stepper, examples: list) -> dict:
 
 def online_peaks(work: Path, acc, stepper: Stepper, optimizer, examples: list, base: int) -> dict:
     """Peak RSS above `base` of the online step (bf16 teacher loaded): its forward, then the student step."""
-    processor = load_processor(work / "student")
+    processor = load_parts(work / "student")
     encoder = SampleEncoder(processor, str(work / "shapes"), 4096)
     by_id = {s.sample_id: s for s in (encoder.encode(r) for r in read_corpus(work / "shapes" / "long.json"))}
     reader = CacheReader.open(str(work / "cache"))
@@ -115,7 +116,7 @@ def distill_worker(work: Path, args: argparse.Namespace) -> dict:
     acc = make_accelerator(cfg, find_unused=False)
     from transformers import LlavaForConditionalGeneration, Qwen2Model, SiglipVisionModel  # noqa: F401
     base = rss_bytes()  # interpreter, torch, transformers and the model classes; nothing loaded
-    processor = load_processor(work / "student")
+    processor = load_parts(work / "student")
     examples, _ = cache_examples(CacheReader.open(str(work / "cache")), SampleEncoder(processor, None, 4096), None)
     offline = examples.get_many(range(len(examples)))
     model = load_model(work / "student", str(acc.device), torch.float32).train()
