@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,40 +40,18 @@ from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import DistillConfig
 from alignti.distill.config import LossConfig
 from alignti.distill.examples import DistillExample, cache_examples
-from alignti.distill.objective import Objective
 from alignti.distill.order import epoch_micro_batches
-from alignti.distill.train import build_optimizer, freeze, make_accelerator, optimizer_step
+from alignti.distill.train import build_optimizer, freeze, make_accelerator
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import HfTeacher
 from alignti.models.family import load_parts
 from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
+from harness import Stepper, peak_rss_bytes, rss_bytes, run_worker, sync
 
 TARGETS = {"kd_over_sft": ("<=", 1.05), "alignti_over_sft": ("<=", 1.30), "online_over_offline_time": (">=", 2.5),
            "offline_over_online_memory": ("<=", 0.5), "cache_read_over_consumption": (">=", 20.0),
            "example_build_over_consumption": (">=", 20.0), "batch_build_over_consumption": (">=", 20.0)}
-
-
-def rss_bytes() -> int:
-    """Current resident set size (Linux /proc), bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process's own address space: VmHWM from /proc/self/status.
-
-    Not `getrusage().ru_maxrss`: Linux carries the parent's RSS at fork into an exec'd child's
-    ru_maxrss, so a worker started by a process that had loaded the teacher would report it too.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------- world (main process)
@@ -108,29 +83,6 @@ def build_world(work: Path, args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- workers (subprocesses)
-
-
-class Stepper:
-    """The trainer's optimizer step for one recipe on a shared student."""
-
-    def __init__(self, model, acc, recipe: str, pad_id: int, image_token_id: int, **weights: float) -> None:
-        self.acc, self.model, self.pad_id, self.image_token_id = acc, model, pad_id, image_token_id
-        self.loss_cfg = LossConfig(recipe, **weights)
-        self.objective = Objective(model, self.loss_cfg)
-        self.vocab = model.get_input_embeddings().num_embeddings
-
-    def __call__(self, examples: list, optimizer) -> None:
-        batch = build_distill_batch(examples, self.pad_id, self.image_token_id, self.loss_cfg, self.acc.device,
-                                    torch.float32, vocab_size=self.vocab)
-        optimizer_step(self.acc, self.objective, [batch], [True], self.loss_cfg.weights())
-        self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
@@ -178,11 +130,11 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for i, idx in enumerate(micro):
         for kind in kinds:  # interleaved: machine noise hits every kind alike
-            _sync()
+            sync()
             t0 = time.perf_counter()
             examples = online_examples(idx) if kind == "online" else [offline[j] for j in idx]
             steppers["alignti" if kind == "online" else kind](examples, optimizer)
-            _sync()
+            sync()
             if i >= args.warmup:
                 times[kind].append(time.perf_counter() - t0)
     out = {"mode": mode, "step_seconds": {k: statistics.median(v) for k, v in times.items()},
@@ -214,14 +166,6 @@ def loader_rates(work: Path, batch_size: int) -> dict:
                             processor.tokenizer.convert_tokens_to_ids("<image>"), loss_cfg, "cpu", torch.float32)
     assemble = len(examples) / (time.perf_counter() - t0)
     return {"cache_read": read, "example_build": build, "batch_build": assemble}
-
-
-def run_worker(mode: str, work: Path, argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", mode, "--work", str(work), *argv],
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode:
-        raise SystemExit(f"worker {mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(steps: dict, mem_off: dict, mem_on: dict, rates: dict, batch_size: int) -> dict:
@@ -289,9 +233,9 @@ def main() -> None:
         work = Path(tmp)
         build_world(work, args)
         rates = loader_rates(work, args.batch_size)
-        steps = run_worker("steps", work, passthrough)
-        mem_off = run_worker("mem-offline", work, passthrough)
-        mem_on = run_worker("mem-online", work, passthrough)
+        steps = run_worker(__file__, "steps", work, passthrough)
+        mem_off = run_worker(__file__, "mem-offline", work, passthrough)
+        mem_on = run_worker(__file__, "mem-online", work, passthrough)
     result = report(steps, mem_off, mem_on, rates, args.batch_size)
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("worker", "work")}
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -17,24 +17,21 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.models.probe import probe_attention, probe_targets
-from alignti.models.ribbon import build_candidate_pass
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.extract.signals import propose_top
 from alignti.models.family import load_parts, save_model_dir
 from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.loading import load_model
 from alignti.models.tokenizer import train_tokenizer
+from harness import bare_forwards, timed
 
 
 def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -45,40 +42,6 @@ def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
                     image_size=64, patch=8)
     model, processor = build_tiny_llava(spec, train_tokenizer(texts, vocab_size=512))
     return save_model_dir(model, processor, work / "teacher"), shapes
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def bare_forwards(model, batches: list, pad_id: int, d: int) -> float:
-    """Seconds for the teacher forwards extraction needs: plain pass with cache + candidate pass."""
-    total = 0.0
-    for group in batches:
-        batch = collate(group, pad_id)
-        t0 = time.perf_counter()
-        cache = DynamicCache(config=model.config.get_text_config())
-        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             **batch.images, cache=cache, use_cache=True)[0]
-        total += time.perf_counter() - t0
-        # candidates chosen outside the timed region (they need the LM head)
-        steps = [s.resp_positions for s in group]
-        cands = []
-        for b, s in enumerate(group):
-            logits = model.lm_head(hidden[b, s.resp_positions])
-            cands.append(propose_top(logits.topk(d + 1).indices, s.input_ids[s.resp_positions + 1], d))
-        t0 = time.perf_counter()
-        cp = build_candidate_pass([s.input_ids for s in group], steps, cands, batch.input_ids.shape[1], pad_id,
-                                  image_token_id=model.config.image_token_id)
-        model.model(**cp.model_inputs(), cache=cache, use_cache=True)
-        total += time.perf_counter() - t0
-    return total
 
 
 def probe_ratio(model, group: list[EncodedSample], pad_id: int, layer: int, repeats: int) -> dict:

@@ -70,25 +70,78 @@ def padded_teacher_mass(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tenso
     return torch.where(outside, teacher_logprobs.float().exp(), 0.0).sum(-1)
 
 
+def _first_valid(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bool [N, k]: valid and not a repeat of an earlier valid id of its row (a top-k has no
+    repeats; this keeps the logsumexp of the head exact if one ever had)."""
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]  # [N, k, k]
+    return valid & ~same.tril(-1).any(-1)
+
+
+class _TailBuckets(torch.autograd.Function):
+    """Student log-probs of the k head buckets and of the tail, with a hand-written backward.
+
+    forward(logits fp32 [N, V], ids long [N, k], valid bool [N, k], first bool [N, k] (from
+    `_first_valid`), tail_present bool [N]) -> (lq_head [N, k] = log_softmax(logits) at the ids,
+    arbitrary where not valid; log_s [N] = log of the student's mass outside the valid ids, -inf
+    where the tail is absent).
+
+    Why not autograd: the tail needs a masked copy of the [N, V] logits and two logsumexps, whose
+    autograd graph keeps and re-reads several [N, V] tensors; here the forward makes one [N, V+1]
+    buffer and the backward one more. Both logsumexps are exact (each takes its own maximum):
+    lse_t over the masked buffer, then lse = logaddexp(lse_t, logsumexp of the distinct head
+    logits). The gradient, with t_v = exp(l_v - lse_t), s = exp(log_s), G = sum_i g_i + g_s:
+        v outside the ids: t_v * (g_s - G * s);   v = id_i: sum of g_i over its repeats - G * p_v,
+    since d lse / d l_v = p_v = s * t_v and d lse_t / d l_v = t_v off the ids. t_v <= 1 off the
+    ids; at the ids it may overflow but is overwritten.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, first: torch.Tensor,
+                tail_present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, v = logits.shape
+        col = torch.where(valid, ids, v)  # invalid ids land in an extra column, masking nothing
+        buf = logits.new_empty(n, v + 1)
+        buf[:, :v] = logits
+        buf[:, v] = _NEG_INF
+        buf.scatter_(1, col, _NEG_INF)  # scattering the same value twice is deterministic
+        top = buf.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # an absent tail: exp(-inf) = 0, no NaN
+        lse_t = buf.sub_(top).exp_().sum(-1).log_() + top[:, 0]  # [N]; in place: the buffer is ours
+        head = logits.gather(1, torch.where(valid, ids, 0))  # [N, k]
+        lse_head = torch.logsumexp(torch.where(first, head, _NEG_INF), -1)
+        lse = torch.where(tail_present, torch.logaddexp(lse_t, lse_head), lse_head)
+        lq_head, log_s = head - lse[:, None], lse_t - lse
+        ctx.save_for_backward(logits, col, valid, tail_present, lse_t, lq_head, log_s)
+        return lq_head, log_s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_head: torch.Tensor, g_s: torch.Tensor):
+        logits, col, valid, tail_present, lse_t, lq_head, log_s = ctx.saved_tensors
+        n, v = logits.shape
+        g_head = torch.where(valid, g_head, 0.0)
+        g_s = torch.where(tail_present, g_s, 0.0)
+        total = g_head.sum(-1) + g_s  # G [N]
+        grad = logits.new_empty(n, v + 1)
+        torch.sub(logits, lse_t[:, None], out=grad[:, :v])
+        grad[:, v] = 0.0
+        grad.exp_().mul_((g_s - total * log_s.exp())[:, None])
+        grad.scatter_(1, col, -total[:, None] * lq_head.exp())  # the ids: -G p (repeats write one value)
+        grad.scatter_add_(1, col, g_head)
+        return grad[:, :v], None, None, None, None
+
+
 def _buckets_tail(logits: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, valid: torch.Tensor):
     """(k+1)-bucket log-probs with the tail bucket. All [N, k+1]; `present` marks real buckets."""
-    n, v = logits.shape
-    lse = torch.logsumexp(logits, -1, keepdim=True)  # [N, 1]
-    lq_head = logits.gather(1, torch.where(valid, ids, 0)) - lse
+    v = logits.shape[1]
+    first = _first_valid(ids, valid)
+    tail_present = first.sum(-1) < v  # [N]; False when the ids cover the vocab
+    lq_head, log_s = _TailBuckets.apply(logits, ids, valid, first, tail_present)
     # r = 1 - sum p cancels when the head holds nearly all the mass; summing in float64 keeps r
     # accurate to its inputs (only [N, k] values; MPS has no float64). fp16 caches can push
     # sum p over 1: clamp.
     acc = torch.float32 if lps.device.type == "mps" else torch.float64
     r = (1.0 - torch.where(valid, lps.to(acc).exp(), 0.0).sum(-1)).clamp_min(0.0).float()  # [N]
-    # Mask the valid ids to -inf; invalid ids are sent to an extra -inf column so they mask
-    # nothing (scattering the same value twice is deterministic).
-    ext = torch.nn.functional.pad(logits, (0, 1), value=_NEG_INF)
-    masked = ext.scatter(1, torch.where(valid, ids, v), _NEG_INF)  # [N, V+1]
-    tail_present = torch.isfinite(masked.amax(-1))  # [N]; False when the ids cover the vocab
-    # An all -inf row would give logsumexp -inf and a NaN gradient; feed zeros there instead
-    # (the bucket is marked absent, so the value is never used).
-    masked = torch.where(tail_present[:, None], masked, 0.0)
-    log_s = torch.logsumexp(masked, -1) - lse[:, 0]
     lp = torch.cat([torch.where(valid, lps, _NEG_INF), r.log()[:, None]], 1)
     lq = torch.cat([lq_head, log_s[:, None]], 1)
     present = torch.cat([valid, tail_present[:, None]], 1)
