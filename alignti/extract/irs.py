@@ -104,7 +104,7 @@ def run_irs(cfg: IrsConfig) -> dict:
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
     scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
-    result = {"scores": [round(float(s), 6) for s in scores], "layer": chosen, "num_samples": len(samples)}
+    result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -120,7 +120,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     if len(samples) < 2:
         raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
-    return choose_layer(scores), [round(float(s), 6) for s in scores]
+    return choose_layer(scores), scores.tolist()  # full precision: JSON floats round-trip
 
 
 def vllm_teacher(cfg: ExtractConfig, settings: CacheSettings, device: str, dtype: torch.dtype,
@@ -182,26 +182,31 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
         def samples() -> Iterator[EncodedSample]:
             for row in worker_rows(cfg.data, worker, num_workers, cfg.limit):
-                if row.source_id in rejected:
+                if row.source_id in rejected:  # rejects are deterministic: it would be rejected again
                     continue
                 enc = row if isinstance(row, Reject) else encoder.encode(row)
                 if isinstance(enc, Reject):
                     stats["rejects"][enc.reason] += writer.add_reject(enc.source_id, enc.reason, enc.detail)
-                elif enc.sample_id in committed:
-                    stats["skipped"] += 1
                 else:
                     yield enc
 
         total = None if cfg.resume else sum(1 for _ in worker_rows(cfg.data, worker, num_workers, cfg.limit))
         bar = progress_bar(desc=f"extract w{worker}/{num_workers}", unit="sample", total=total)
         loop_start = time.time()
+        # Batches are cut from every row, committed or not, so a resume forms the batches of an
+        # uninterrupted run (outputs depend slightly on batch mates: padding width, reduction order).
+        # A batch all committed is skipped; a partly committed one runs whole, its committed rows dropped.
         for group in length_grouped(samples(), cfg.batch_size):
-            t0 = time.time()
-            signals = teacher(collate(group, pad_id))
-            stats["teacher_seconds"] += time.time() - t0
-            for sig in signals:
-                stats["written"] += writer.add(sig)
-            stats["tokens"] += sum(s.length for s in group)
+            todo = {s.sample_id for s in group} - committed
+            stats["skipped"] += sum(s.sample_id not in todo for s in group)
+            if todo:
+                t0 = time.time()
+                signals = teacher(collate(group, pad_id))
+                stats["teacher_seconds"] += time.time() - t0
+                for sig in signals:
+                    if sig.sample_id in todo:
+                        stats["written"] += writer.add(sig)
+                stats["tokens"] += sum(s.length for s in group)
             elapsed = max(time.time() - start, 1e-9)
             bar.update(len(group))
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:.0f}", rejects=sum(stats["rejects"].values()))

@@ -9,7 +9,7 @@ import torch
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
-from alignti.extract.irs import IrsConfig, compute_irs, run_irs
+from alignti.extract.irs import IrsConfig, calibration_samples, compute_irs, run_irs
 from alignti.models.probe import probe_targets
 from alignti.models.loading import load_model, load_processor
 from alignti.models.tiny import save_model_dir
@@ -57,6 +57,9 @@ def test_irs_command_writes_scores_and_plot(world, tmp_path):
     saved = json.loads(out.read_text())
     assert saved == res and len(saved["scores"]) == 3 and saved["num_samples"] == 8
     assert saved["layer"] == max(range(3), key=lambda i: saved["scores"][i])
+    model, processor = load_model(teacher), load_processor(teacher)
+    samples = calibration_samples(SampleEncoder(processor, str(shapes), 2048), str(shapes / "train.json"), 8)
+    assert saved["scores"] == compute_irs(model, samples, processor.tokenizer.pad_token_id, 4).tolist()  # exact
     assert out.with_suffix(".png").stat().st_size > 0
 
 

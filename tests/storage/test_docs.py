@@ -1,12 +1,18 @@
-"""docs/cache-format.md: its reading snippet runs and agrees with the reader; its tables match the schema."""
+"""docs/cache-format.md: its reading snippet runs and agrees with the reader, its sample_id recipe gives
+the extractor's ids, its tables match the schema."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from alignti.data.corpus import parse_row
+from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.models.loading import load_processor
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import ARRAYS, SAMPLE_COLUMNS
 from alignti.storage.writer import CacheWriter
@@ -19,6 +25,13 @@ def snippet() -> str:
     text = DOC.read_text()
     after = text.split("This snippet is executed by", 1)[1]
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+
+
+def sample_id_recipe() -> Callable[[dict, bytes | None], str]:
+    block = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "def sample_id(" in b)
+    ns: dict = {}
+    exec(compile(block, str(DOC), "exec"), ns)  # noqa: S102 - our own documentation
+    return ns["sample_id"]
 
 
 def table_rows(heading: str) -> list[list[str]]:
@@ -50,6 +63,25 @@ def test_snippet_reads_the_same_sample_as_the_reader(tmp_path):
         assert np.asarray(value).shape == expect.shape, name
         assert np.array_equal(np.asarray(value).astype(expect.dtype), expect), name
     np.testing.assert_allclose(ns["tail_mass"], 1 - np.exp(ref.topk_logprobs.astype(np.float64)).sum(-1))
+
+
+def test_sample_id_recipe_gives_the_extractors_ids(tiny_model_dir, tmp_path):
+    """The doc's sample_id recipe, from the corpus record and image bytes alone, equals what extract stores."""
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
+    turn = lambda f, v: {"from": f, "value": v}  # noqa: E731
+    records = [
+        {"id": "x", "image": "a.png",
+         "conversations": [turn("human", "<image>\n  Où est le cercle ?"), turn("gpt", "À gauche.")]},
+        {"id": "y", "conversations": [turn("system", "Be brief."), turn("user", "hi"), turn("assistant", "hello "),
+                                      turn("human", "and?"), turn("gpt", "bye")]},
+    ]
+    recipe = sample_id_recipe()
+    encoder = SampleEncoder(load_processor(tiny_model_dir), str(tmp_path), 2048)
+    for rec in records:
+        enc = encoder.encode(parse_row(rec, "row-0"))
+        assert isinstance(enc, EncodedSample), enc
+        image = (tmp_path / rec["image"]).read_bytes() if "image" in rec else None
+        assert recipe(rec, image) == enc.sample_id, rec["id"]
 
 
 def test_tables_match_schema():
