@@ -174,7 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     teacher_training = {"steps": plan.teacher_steps, "lr": plan.teacher_lr, "ground_weight": plan.ground_weight,
                         "ground_layer": GROUND_LAYER}
     setup = {"vision_tower": tower_result, "teacher_training": teacher_training,
-             "test_questions": corpus["question_types"]["test"]}
+             "test_questions": corpus["question_types"]["test"], "answer_style": cfg.answer_style}
     return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, setup, stage.seconds,
                         cfg.quick)
 
