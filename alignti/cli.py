@@ -15,6 +15,7 @@ from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.demo.run import DemoConfig, run_demo
 from alignti.distill.config import DistillConfig
+from alignti.distill.plot import PlotConfig, run_plot
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
 from alignti.eval.run import EvalConfig, run_eval
@@ -27,7 +28,7 @@ from alignti.storage.inspect import InspectConfig, run_inspect
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="alignti")
 def cli() -> None:
-    """Offline Align-TI distillation for LLaVA-style multimodal LLMs."""
+    """Offline Align-TI distillation for multimodal LLMs (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 
 @cli.group()
@@ -45,7 +46,7 @@ def data_shapes(cfg: ShapesConfig) -> None:
 @cli.command()
 @from_dataclass(AssembleConfig)
 def assemble(cfg: AssembleConfig) -> None:
-    """Build a LLaVA model from a local LM + vision tower, or a tiny random one (--random)."""
+    """Build a LLaVA model from a local LM + vision tower, or a tiny random one of any family (--random)."""
     click.echo(str(run_assemble(cfg)))
 
 
@@ -70,6 +71,13 @@ def distill(cfg: DistillConfig) -> None:
     summary = run_distill(cfg)  # None on every process but the main one (accelerate launch)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@from_dataclass(PlotConfig)
+def plot(cfg: PlotConfig) -> None:
+    """Draw a distill run's loss terms against the step (OUT/log.jsonl -> OUT/loss.png)."""
+    click.echo(json.dumps(run_plot(cfg), indent=2))
 
 
 @cli.command("eval")

@@ -7,23 +7,35 @@ itself a config dataclass (distill's `loss: LossConfig`) contributes its fields 
 same command, so each option is declared once, where it belongs. The command function receives
 the config instance.
 
+Every command also takes `--config FILE`: a run file (YAML, or TOML for a `.toml` name) mapping
+option names (`kd_weight` or `kd-weight`) to values. Flags given on the command line override the
+file; an unknown name is an error naming it. So required-ness is checked after the merge (`build`),
+not by click: a required option may come from the file.
+
 The other way round, `options(cfg)` gives a config's flat option values (what `build` takes
-back) and `to_argv(cfg)` the command line that recreates it, so scripts and multi-run helpers
-launch the same path users run.
+back), `to_argv(cfg)` the command line that recreates it, so scripts and multi-run helpers
+launch the same path users run, and `write_run_file` a run file `--config` reads back: every run
+writes one, so it can be repeated exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+import yaml
+from click.core import ParameterSource
 
 from alignti.errors import AlignTIError
+from alignti.storage.files import write_text_atomic
 
 Leaf = tuple[tuple[str, ...], dataclasses.Field, Any]  # (path of field names, the field, its type)
 
@@ -68,12 +80,20 @@ def leaves(config_cls: type) -> tuple[Leaf, ...]:
     return tuple(out)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build(config_cls: type, values: dict[str, Any]) -> Any:
-    """`config_cls` from flat option values; options not given take their defaults, unknown ones are
-    an AlignTIError naming them."""
+    """`config_cls` from flat option values; options not given take their defaults. Unknown and
+    missing required options are an AlignTIError naming them."""
     unknown = sorted(set(values) - {path[-1] for path, _, _ in leaves(config_cls)})
     if unknown:
-        raise AlignTIError(f"unknown option(s): {', '.join('--' + n.replace('_', '-') for n in unknown)}")
+        raise AlignTIError(f"unknown option(s): {', '.join(map(_flag, unknown))}")
+    missing = [f.name.upper() if f.metadata.get("argument") else _flag(f.name)
+               for path, f, _ in leaves(config_cls) if not _has_default(f) and values.get(path[-1]) is None]
+    if missing:
+        raise AlignTIError(f"missing {', '.join(missing)} (on the command line or in --config FILE)")
     return _build(config_cls, values)
 
 
@@ -127,35 +147,119 @@ def _param(f: dataclasses.Field, tp: Any) -> Callable:
     name = f.name.replace("_", "-")
     base = _base_type(tp)
     required = not _has_default(f)
-    # click treats an explicit default=None as a given value: a required option gets no default at all
+    # Never required for click: the value may come from --config FILE (`build` checks after the merge).
+    # click treats an explicit default=None as a given value: a required option gets no default at all.
     default = {} if required else {"default": _default(f)}
+    shown = meta.get("help", "") + (" [required]" if required else "")
     if "choices" in meta:
         ctype: Any = click.Choice(list(meta["choices"]))
     elif _is_list(tp):
         if meta.get("argument"):
             return click.argument(f.name, nargs=-1)
-        return click.option(f"--{name}", f.name, multiple=True, default=_default(f) or (), help=meta.get("help"))
+        return click.option(f"--{name}", f.name, multiple=True, default=_default(f) or (), help=shown)
     else:
         ctype = {int: int, float: float, str: str}.get(base, str)
     if meta.get("argument"):
-        return click.argument(f.name, type=ctype, required=required, **default)
+        return click.argument(f.name, type=ctype, required=False, **default)
     if base is bool:
-        return click.option(f"--{name}/--no-{name}", f.name, show_default=True, help=meta.get("help"), **default)
-    return click.option(f"--{name}", f.name, type=ctype, required=required,
-                        show_default=not required and default["default"] is not None, help=meta.get("help"),
-                        **default)
+        return click.option(f"--{name}/--no-{name}", f.name, show_default=True, help=shown, **default)
+    return click.option(f"--{name}", f.name, type=ctype, show_default=not required and default["default"] is not None,
+                        help=shown, **default)
+
+
+# ---------------------------------------------------------------- run files (--config FILE)
+
+CONFIG = "config"  # the option every command gets; no config dataclass may have a field of that name
+_GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+
+
+def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A run file's {option name: value}: YAML, or TOML when the name ends in .toml; names may use
+    `-` or `_`. AlignTIError (one line naming the file) if it cannot be read or is not a mapping."""
+    where = f"--config {os.fspath(path)}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AlignTIError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        if Path(path).suffix == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        raise AlignTIError(f"{where}: not valid {'TOML' if Path(path).suffix == '.toml' else 'YAML'} "
+                           f"({' '.join(str(e).split())})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise AlignTIError(f"{where}: must map option names to values, got a {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            raise AlignTIError(f"{where}: option {_flag(name)} is given twice")
+        out[name] = value
+    return out
+
+
+def config_values(ctx: click.Context, config_cls: type, path: str) -> dict[str, Any]:
+    """The run file's values, each checked and converted by its option's click type, as if given as
+    a flag (`lr: 2e-5` is a string to YAML, a float here; a choice outside its list is refused)."""
+    values = read_run_file(path)
+    params = {p.name: p for p in ctx.command.params}
+    unknown = sorted(n for n in values if n == CONFIG or n not in {p[-1] for p, _, _ in leaves(config_cls)})
+    if unknown:
+        raise AlignTIError(f"--config {path}: unknown option(s): {', '.join(map(_flag, unknown))}")
+    out = {}
+    for name, value in values.items():
+        param = params[name]
+        if value is not None and (param.multiple or param.nargs == -1) and not isinstance(value, list):
+            value = [value]
+        try:
+            out[name] = param.type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            raise AlignTIError(f"--config {path}: {_flag(name)}: {e.format_message()}") from None
+    return out
+
+
+def write_run_file(cfg: Any, path: str | os.PathLike, command: str, note: str = "") -> Path:
+    """Write `cfg`'s options as a run file `alignti COMMAND --config PATH` reads back, with a
+    commented header saying so (and `note`, one more comment line), atomically."""
+    path = Path(path)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in options(cfg).items()}
+    header = (f"# alignti {command}: the options of the run started {time.strftime('%Y-%m-%d %H:%M:%S')} in "
+              f"{os.getcwd()}\n"
+              f"# (relative paths are relative to that directory). Run it again with\n"
+              f"#   alignti {command} --config {path}\n"
+              f"# options given as flags after it override the values below (e.g. another --out).\n"
+              + (f"# {note}\n" if note else ""))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
+    except OSError as e:
+        raise AlignTIError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
 
 
 def from_dataclass(config_cls: type) -> Callable:
-    """Decorator: add one click parameter per option; call the command with the built config."""
+    """Decorator: add one click parameter per option and `--config FILE`; call the command with the
+    config built from the file's values overridden by the flags given on the command line."""
+    assert CONFIG not in {path[-1] for path, _, _ in leaves(config_cls)}, f"{config_cls.__name__}: --{CONFIG}"
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            return fn(build(config_cls, kwargs))
+            ctx = click.get_current_context()
+            path = kwargs.pop(CONFIG)
+            given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) in _GIVEN}
+            values = {**config_values(ctx, config_cls, path), **given} if path else given
+            return fn(build(config_cls, values))
 
         for _, f, tp in reversed(leaves(config_cls)):
             command = _param(f, tp)(command)
-        return command
+        return click.option(f"--{CONFIG}", CONFIG, type=click.Path(dir_okay=False), default=None, help=(
+            "run file (YAML, or TOML if it ends in .toml) of option names and values, e.g. one a previous run "
+            "wrote; flags given here override it"))(command)
 
     return wrap

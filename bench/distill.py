@@ -48,7 +48,8 @@ from alignti.distill.order import epoch_micro_batches
 from alignti.distill.train import build_optimizer, freeze, make_accelerator, optimizer_step
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import HfTeacher
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 
 TARGETS = {"kd_over_sft": ("<=", 1.05), "alignti_over_sft": ("<=", 1.30), "online_over_offline_time": (">=", 2.5),
@@ -85,7 +86,8 @@ def build_world(work: Path, args: argparse.Namespace) -> None:
     from transformers import LlavaForConditionalGeneration
 
     from alignti.data.shapes import ShapesConfig, run_shapes
-    from alignti.models.tiny import TinySpec, build_processor, save_model_dir, tiny_llava_config
+    from alignti.models.family import save_model_dir
+    from alignti.models.llava import LLAVA, TinySpec, build_processor, tiny_llava_config
     from alignti.models.tokenizer import train_tokenizer
 
     shapes = work / "shapes"
@@ -99,7 +101,7 @@ def build_world(work: Path, args: argparse.Namespace) -> None:
         config.text_config.vocab_size = args.vocab  # padded vocabulary: a realistic LM-head share
         torch.manual_seed(0)
         model = LlavaForConditionalGeneration(config).eval()
-        save_model_dir(model, build_processor(tokenizer, 64, 8), work / name)
+        save_model_dir(model, LLAVA.parts_of(build_processor(tokenizer, 64, 8)), work / name)
     run_extract(ExtractConfig(teacher=str(work / "teacher"), data=str(shapes / "train.json"), image_root=str(shapes),
                               out=str(work / "cache"), iva_layer=str(args.teacher_layers // 2), batch_size=8,
                               device="cpu"))
@@ -139,7 +141,7 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
     # The baseline: interpreter, torch, transformers and the model classes imported, nothing loaded.
     from transformers import LlavaForConditionalGeneration, Qwen2Model, SiglipVisionModel  # noqa: F401
     base_rss = rss_bytes()
-    processor = load_processor(work / "student")
+    processor = load_parts(work / "student")
     pad_id = processor.tokenizer.pad_token_id
     reader = CacheReader.open(str(work / "cache"))
     settings = reader.manifest.settings
@@ -194,7 +196,7 @@ def worker(mode: str, work: Path, args: argparse.Namespace) -> dict:
 def loader_rates(work: Path, batch_size: int) -> dict:
     """samples/s of cache reads, example building and micro-batch assembly (main process)."""
     reader = CacheReader.open(str(work / "cache"))
-    processor = load_processor(work / "student")
+    processor = load_parts(work / "student")
     n = len(reader)
     reader.get_batch([0])  # first read of a part verifies its small files once: not a per-sample cost
     t0 = time.perf_counter()

@@ -31,8 +31,9 @@ from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.ribbon import build_candidate_pass
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.signals import propose_top
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import load_parts, save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
+from alignti.models.loading import load_model
 from alignti.models.tokenizer import train_tokenizer
 
 
@@ -64,7 +65,7 @@ def bare_forwards(model, batches: list, pad_id: int, d: int) -> float:
         t0 = time.perf_counter()
         cache = DynamicCache(config=model.config.get_text_config())
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, cache=cache, use_cache=True)[0]
+                             **batch.images, cache=cache, use_cache=True)[0]
         total += time.perf_counter() - t0
         # candidates chosen outside the timed region (they need the LM head)
         steps = [s.resp_positions for s in group]
@@ -82,9 +83,9 @@ def bare_forwards(model, batches: list, pad_id: int, d: int) -> float:
 
 def probe_ratio(model, group: list[EncodedSample], pad_id: int, layer: int, repeats: int) -> dict:
     batch = collate(group, pad_id)
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.images,
               use_cache=False)
-    queries, keys = probe_targets(tuple(group), group[0].n_v)
+    queries, keys = probe_targets(tuple(group))
 
     def plain() -> None:
         with torch.inference_mode():
@@ -118,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         teacher_dir, shapes = build(work, args)
-        model, processor = load_model(teacher_dir), load_processor(teacher_dir)
+        model, processor = load_model(teacher_dir), load_parts(teacher_dir)
         pad_id = processor.tokenizer.pad_token_id
         encoder = SampleEncoder(processor, str(shapes), 1024)
         samples = [encoder.encode(r) for r in read_corpus(shapes / "train.json")]

@@ -17,7 +17,8 @@ TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Qwen2 LLaVA model directory (random weights, trained tokenizer)."""
-    from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+    from alignti.models.family import save_model_dir
+    from alignti.models.llava import TinySpec, build_tiny_llava
     from alignti.models.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_model")

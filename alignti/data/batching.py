@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alignti.data.encode import IGNORE_INDEX, EncodedSample
+from alignti.data.images import ImageInputs, move_images
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,14 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, T]
     attention_mask: torch.Tensor  # int64 [B, T]
     labels: torch.Tensor  # int64 [B, T]
-    pixel_values: torch.Tensor | None  # [n_images_in_batch, 3, H, W], samples with images, in order
+    images: dict[str, torch.Tensor]  # the model's image keyword arguments, samples with images in order ({} if none)
     offsets: torch.Tensor  # int64 [B]
     samples: tuple[EncodedSample, ...]
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Batch":
-        pv = self.pixel_values
-        if pv is not None:
-            pv = pv.to(device=device, dtype=dtype or pv.dtype)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), pv,
+        """On `device`; `dtype` applies to floating image tensors (pixels) only, never to ids or grids."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     move_images(self.images, device, dtype),
                      self.offsets.to(device), self.samples)
 
 
@@ -48,9 +48,8 @@ def collate(samples: list[EncodedSample], pad_id: int, padding_side: str = "righ
         labels[b, start:start + s.length] = s.labels
         mask[b, start:start + s.length] = 1
         offsets[b] = start
-    images = [s.pixel_values for s in samples if s.pixel_values is not None]
-    pixel_values = torch.cat(images) if images else None
-    return Batch(input_ids, mask, labels, pixel_values, offsets, tuple(samples))
+    images = ImageInputs.concat([s.images for s in samples if s.images is not None])
+    return Batch(input_ids, mask, labels, images.tensors if images else {}, offsets, tuple(samples))
 
 
 def length_grouped(

@@ -3,27 +3,27 @@
 Labels and instruction positions come from character spans of the rendered chat template:
 rendering the conversation prefix by prefix tells exactly which characters each turn
 contributed, so no template-specific token patterns are hard-coded. The text is tokenised
-*unexpanded* (one `<image>` token per image, the ids the cache stores), then each image token
-is expanded to the model's n_v vision tokens, as the LLaVA processor does.
+*unexpanded* (one image token per image, the ids the cache stores), then each image token is
+expanded to that image's n_v vision tokens, as the models' processors do. What differs between
+model families (how images become tensors, how many vision tokens an image gets) comes from the
+model's `Processing` (`data/images.py`, implemented by `alignti.models.family.ModelParts`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ProcessorMixin
-
 from PIL import Image
 
 from alignti.data.corpus import (
-    IMAGE_PLACEHOLDER, IMAGE_TOKEN_MISMATCH, MISSING_IMAGE, TOO_LONG, CorpusRow, LoadedImage, Reject, load_image,
-    resolve_image_path, sample_content_id,
+    CORRUPT_IMAGE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_MISMATCH, MISSING_IMAGE, TOO_LONG, CorpusRow, LoadedImage, Reject,
+    load_image, resolve_image_path, sample_content_id,
 )
+from alignti.data.images import ImageInputs, Processing, image_header_size
 from alignti.errors import AlignTIError
 
 IGNORE_INDEX = -100
@@ -42,8 +42,8 @@ class EncodedSample:
     labels: torch.Tensor  # int64 [T], IGNORE_INDEX except assistant tokens (aligned, unshifted)
     vision_positions: torch.Tensor  # int64 [n_v * n_images]
     instruction_positions: torch.Tensor  # int64 [n_i] user-turn text tokens
-    pixel_values: torch.Tensor | None  # [n_images, 3, H, W]
-    n_v: int  # vision tokens per image (0 for text-only)
+    images: ImageInputs | None  # the image's model inputs (None for text-only)
+    n_v: int  # vision tokens of the sample's image (0 for text-only)
     label_spans: np.ndarray  # int32 [S, 2] half-open ranges of labelled tokens
     extra: dict
     image_size: tuple[int, int] | None = None  # the original image's (width, height): boxes are in its pixels
@@ -73,19 +73,17 @@ def _split_image_parts(text: str) -> list[dict]:
 
 
 class SampleEncoder:
-    """Encodes corpus rows with one model's processor and chat template."""
+    """Encodes corpus rows with one model's processing (tokenizer, chat template, images)."""
 
-    def __init__(self, processor: ProcessorMixin, image_root: str | None, max_length: int = 2048) -> None:
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+    def __init__(self, parts: Processing, image_root: str | None, max_length: int = 2048) -> None:
+        self.parts = parts
+        self.tokenizer = parts.tokenizer
         self.image_root = image_root
         self.max_length = max_length
-        self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        self.template = parts.chat_template or self.tokenizer.chat_template
         if not self.template:
             raise AlignTIError("the model's processor and tokenizer have no chat template")
-        if getattr(processor, "patch_size", None) is None:
-            raise AlignTIError("processor has no patch_size: only LLaVA-style fixed-grid processors are supported")
-        self.image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        self.image_token = parts.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.list_content = self._template_takes_parts()
 
@@ -103,13 +101,6 @@ class SampleEncoder:
                     for role, text in turns]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def num_vision_tokens(self, pixel_values: torch.Tensor) -> int:
-        """n_v per image, as LlavaProcessor computes it from the processed image size."""
-        h, w = pixel_values.shape[-2:]
-        p = self.processor
-        n = (h // p.patch_size) * (w // p.patch_size) + getattr(p, "num_additional_image_tokens", 0)
-        return n - 1 if getattr(p, "vision_feature_select_strategy", "full") == "default" else n
 
     def char_spans(self, turns: tuple[tuple[str, str], ...]) -> tuple[str, list, list]:
         """Rendered text, assistant char spans (content + end-of-turn) and user-content char spans."""
@@ -140,15 +131,22 @@ class SampleEncoder:
         enc.image_root = image_root
         return enc
 
-    @functools.cached_property
-    def vision_tokens(self) -> int:
-        """n_v per image: a fixed-grid processor gives every image the same count (a blank one tells)."""
-        blank = Image.new("RGB", (32, 32))
-        return self.num_vision_tokens(self.processor.image_processor(images=[blank], return_tensors="pt")["pixel_values"])
+    def vision_tokens(self, path: Path | None) -> int | Reject:
+        """Vision tokens of the image at `path` (0 without one), from its header size only: the
+        per-image count of a dynamic-resolution model, or the fixed one (the file is then not opened)."""
+        if path is None:
+            return 0
+        fixed = self.parts.vision_tokens(None)
+        if fixed is not None:
+            return fixed
+        size = image_header_size(path)
+        if size is None:
+            return Reject("", CORRUPT_IMAGE, f"{path.name}: unreadable image header")
+        return int(self.parts.vision_tokens(size))
 
-    def expanded_length(self, n_text: int, n_images: int) -> int:
-        """Sequence length once each of the `n_images` image tokens in `n_text` ids is expanded."""
-        return n_text - n_images + n_images * self.vision_tokens
+    def expanded_length(self, n_text: int, n_v: int) -> int:
+        """Sequence length once the image token (if n_v > 0) in `n_text` ids becomes its n_v vision tokens."""
+        return n_text - 1 + n_v if n_v else n_text
 
     def image_file(self, row: CorpusRow) -> Path | Reject | None:
         """The row's image file (None for text-only), or why it cannot be read (no decode needed)."""
@@ -171,10 +169,10 @@ class SampleEncoder:
         """int64 [L] the row's unexpanded token ids, exactly as `encode` tokenises it (no image needed)."""
         return self._tokenise(row, offsets=False)[0]
 
-    def _token_reject(self, row: CorpusRow, text_ids: np.ndarray) -> Reject | None:
+    def _token_reject(self, source_id: str, text_ids: np.ndarray, has_image: bool) -> Reject | None:
         n_images = int((text_ids == self.image_token_id).sum())
-        if n_images != (1 if row.image else 0):
-            return Reject(row.source_id, IMAGE_TOKEN_MISMATCH, f"{n_images} image tokens after templating")
+        if n_images != int(has_image):
+            return Reject(source_id, IMAGE_TOKEN_MISMATCH, f"{n_images} image tokens after templating")
         return None
 
     def check_row(self, row: CorpusRow) -> tuple[int, Reject | None]:
@@ -184,10 +182,13 @@ class SampleEncoder:
         if isinstance(image, Reject):
             return 0, image
         text_ids = self.text_ids(row)
-        bad = self._token_reject(row, text_ids)
+        bad = self._token_reject(row.source_id, text_ids, bool(row.image))
         if bad is not None:
             return 0, bad
-        length = self.expanded_length(len(text_ids), int(image is not None))
+        n_v = self.vision_tokens(image)
+        if isinstance(n_v, Reject):
+            return 0, Reject(row.source_id, n_v.reason, n_v.detail)
+        length = self.expanded_length(len(text_ids), n_v)
         if length > self.max_length:
             return 0, Reject(row.source_id, TOO_LONG, f"{length} tokens > max length {self.max_length}")
         return length, None
@@ -201,18 +202,32 @@ class SampleEncoder:
         if isinstance(image, Reject):
             return Reject(row.source_id, image.reason, image.detail)
         text_ids, chars, label_chars, instr_chars = self._tokenise(row, offsets=True)
-        bad = self._token_reject(row, text_ids)
+        bad = self._token_reject(row.source_id, text_ids, bool(row.image))
         if bad is not None:
             return bad
-        pixel_values, n_v = None, 0
-        if image is not None:
-            pixel_values = self.processor.image_processor(images=[image.image], return_tensors="pt")["pixel_values"]
-            n_v = self.num_vision_tokens(pixel_values)
-        return self._expand(row, image, text_ids, chars, label_chars, instr_chars, pixel_values, n_v)
+        sample = self._expand(row, image, text_ids, chars, label_chars, instr_chars)
+        if sample.length > self.max_length:
+            return Reject(row.source_id, TOO_LONG, f"{sample.length} tokens > max length {self.max_length}")
+        return sample
+
+    def encode_prompt(self, source_id: str, user_text: str, image: Image.Image | None) -> EncodedSample:
+        """One user turn rendered up to the assistant's first token (generation), tokenised and
+        expanded exactly as training's samples are; no labels. `user_text` holds `<image>` if `image`."""
+        turns = (("user", user_text),)
+        prompt = self.render(turns, add_generation_prompt=True)
+        enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        text_ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        row = CorpusRow(source_id, None, turns)
+        bad = self._token_reject(source_id, text_ids, image is not None)
+        if bad is not None:
+            raise AlignTIError(f"question {source_id!r}: {bad.detail} (the prompt needs one image token per image)")
+        loaded = None if image is None else LoadedImage(image.convert("RGB"), "")
+        return self._expand(row, loaded, text_ids, np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2), [], [])
 
     def _expand(self, row: CorpusRow, image: LoadedImage | None, text_ids: np.ndarray, chars: np.ndarray,
-                label_chars: list, instr_chars: list, pixel_values: torch.Tensor | None,
-                n_v: int) -> EncodedSample | Reject:
+                label_chars: list, instr_chars: list) -> EncodedSample:
+        images = None if image is None else self.parts.encode_images([image.image])
+        n_v = 0 if images is None else images.n_v[0]
         starts, ends = chars[:, 0], chars[:, 1]
         # Labels: tokens starting inside an assistant span (its content and end-of-turn token).
         in_label = np.zeros(len(text_ids), bool)
@@ -229,9 +244,6 @@ class SampleEncoder:
         # Each unexpanded token becomes 1 position, or n_v positions for an image token.
         widths = np.where(is_image, n_v, 1)
         new_pos = np.concatenate([[0], np.cumsum(widths)[:-1]])
-        total = int(widths.sum())
-        if total > self.max_length:
-            return Reject(row.source_id, TOO_LONG, f"{total} tokens > max length {self.max_length}")
         input_ids = np.repeat(text_ids, widths)
         labels = np.where(np.repeat(in_label, widths), input_ids, IGNORE_INDEX)
         vision = np.concatenate([np.arange(p, p + n_v) for p in new_pos[is_image]] or [np.zeros(0, np.int64)])
@@ -242,7 +254,7 @@ class SampleEncoder:
             text_ids=text_ids.astype(np.int32), input_ids=torch.from_numpy(input_ids),
             labels=torch.from_numpy(labels), vision_positions=torch.from_numpy(vision.astype(np.int64)),
             instruction_positions=torch.from_numpy(new_pos[in_instr].astype(np.int64)),
-            pixel_values=pixel_values, n_v=n_v, label_spans=label_spans, extra=row.extra,
+            images=images, n_v=n_v, label_spans=label_spans, extra=row.extra,
             image_size=image.image.size if image else None,
         )
 

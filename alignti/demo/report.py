@@ -136,6 +136,13 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
     return report
 
 
+def loss_plots(work: Path, rows: list[dict[str, Any]]) -> str:
+    """One line linking each model's training-loss plot (distill writes loss.png beside final/)."""
+    links = [f"[{r['name']}]({(Path(r['path']).parent / 'loss.png').relative_to(work)})" for r in rows
+             if (Path(r["path"]).parent / "loss.png").is_file()]
+    return "Training losses per step: " + ", ".join(links) + "." if links else ""
+
+
 def report_markdown(work: Path, report: dict[str, Any], table: str) -> list[str]:
     """report.md's lines: the table, what to conclude from it, how the teacher and cache were made."""
     rows, cache, sal, irs = report["models"], report["cache"], report["saliency"], report["irs"]
@@ -167,6 +174,7 @@ def report_markdown(work: Path, report: dict[str, Any], table: str) -> list[str]
         f"In the pictures each vision token is dimmed by its share of the saliency at layer {sal['layer']} (the "
         "number on it), the asked-about object's box is outlined, and above it are the question and its gold "
         "answer (the corpus's, not the teacher's reply).", "",
+        loss_plots(work, rows), "",
         "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()), "",
         *[f"![saliency]({Path(p).relative_to(work)})" for p in sal["pictures"]],
     ]

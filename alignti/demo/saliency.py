@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel
 
 from alignti.data.batching import collate, length_grouped
 from alignti.data.boxes import patch_overlap
 from alignti.data.corpus import CorpusRow, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.extract.teacher import plain_pass
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import ModelParts, load_parts
+from alignti.models.loading import load_model
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def object_patch_mass(saliency: np.ndarray, size: tuple[int, int],
 
 
 @torch.inference_mode()
-def teacher_saliency(model: PreTrainedModel, processor: ProcessorMixin, data: str, image_root: str, layer: int,
+def teacher_saliency(model: PreTrainedModel, processor: ModelParts, data: str, image_root: str, layer: int,
                      limit: int, batch_size: int = 16) -> list[SaliencyItem]:
     """Saliency at `layer` for the first `limit` image samples of a corpus: one plain teacher pass
     with the probe per batch (`extract.teacher.plain_pass`, the pass extraction caches it from)."""
@@ -130,7 +131,7 @@ def overlay(image: Image.Image, item: SaliencyItem, side: int = 256) -> Image.Im
 
 def saliency_pictures(teacher: Path, test_json: Path, root: Path, layer: int, out: Path, pictures: int) -> dict:
     """Teacher saliency on held-out images: mass in the asked-about object's box, and overlays."""
-    model, processor = load_model(teacher), load_processor(teacher)
+    model, processor = load_model(teacher), load_parts(teacher)
     items = teacher_saliency(model, processor, str(test_json), str(root), layer, limit=200)
     with_box = [it for it in items if it.box]
     masses = [box_mass(it.saliency, it.image_size, it.box) for it in with_box]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import ProcessorMixin
 
 from alignti.data.corpus import Reject, load_image, read_corpus
 from alignti.data.shapes_render import COLORS, POSITIONS, SHAPES
 from alignti.errors import AlignTIError
 from alignti.data.boxes import patch_overlap
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import ModelParts, load_parts
+from alignti.models.loading import load_model
 from alignti.progress import progress_bar
 
 # Head name -> classes; class 0 of colour and shape is "no object in this patch".
@@ -48,7 +48,7 @@ def patch_labels(objects: list[dict], image_size: int, grid: int) -> dict[str, t
     return {"color": color, "shape": shape, "quadrant": quadrant}
 
 
-def shapes_tower_data(corpus: str, image_root: str, processor: ProcessorMixin,
+def shapes_tower_data(corpus: str, image_root: str, processor: ModelParts,
                       grid: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixels and per-patch labels of every record of a shapes corpus:
     (pixel_values [N, 3, S, S], {head: int64 [N, grid * grid]})."""
@@ -118,7 +118,7 @@ def copy_tower(source: nn.Module, model_dirs: list[Path]) -> None:
 def pretrain_demo_tower(model_dir: Path, corpus: Path, root: Path, steps: int,
                         seed: int) -> tuple[torch.nn.Module, dict]:
     """The teacher init with its vision tower pretrained on the corpus's object annotations."""
-    model, processor = load_model(model_dir), load_processor(model_dir)
+    model, processor = load_model(model_dir), load_parts(model_dir)
     vision = model.config.vision_config
     pixels, labels = shapes_tower_data(str(corpus), str(root), processor, vision.image_size // vision.patch_size)
     labels = {k: labels[k] for k in ("color", "shape")}  # a quadrant head did not help (docs/results.md)

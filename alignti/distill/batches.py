@@ -3,7 +3,9 @@
 Layout. Without TPA the samples are right-padded (`collate`). With TPA (weight > 0 and cached
 candidates present) the student gets the ribbon built by `alignti.models.ribbon.build_ribbon`,
 the function extraction uses, with the cached candidates inserted after their steps: one forward
-gives the ground-truth rows and every candidate row p_S(.|y_<=t, a).
+gives the ground-truth rows and every candidate row p_S(.|y_<=t, a). The batch keeps the plain
+right-padded ids and mask too: the student's family numbers the ribbon's slots from the plain
+batch's positions (`Family.ribbon_positions`; M-RoPE triples for Qwen-VL), in `Objective`.
 
 Rows. Every loss row is a flat index `b * W + w` into the model's hidden states reshaped to
 [B * W, H] (W = padded width, ground truth or ribbon), so the step applies the LM head only to
@@ -15,12 +17,14 @@ trainer can all-reduce them before the forward and divide once by global counts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from alignti.data.batching import collate
+from alignti.data.images import move_images
 from alignti.distill.config import LossConfig
 from alignti.distill.examples import DistillExample
 from alignti.distill.grounding import grounding_target
@@ -42,8 +46,11 @@ class DistillBatch:
 
     input_ids: torch.Tensor  # long [B, W]
     attention_mask: torch.Tensor  # long [B, W] (plain) or model dtype [B, 1, W, W] additive (ribbon)
-    position_ids: torch.Tensor | None  # long [B, W] (ribbon) or None (plain)
-    pixel_values: torch.Tensor | None  # model dtype [n_images, 3, H, W]
+    position_ids: torch.Tensor | None  # long [B, W] (ribbon: original position of each slot) or None (plain)
+    plain_input_ids: torch.Tensor  # long [B, T] the right-padded ground truth (== input_ids when plain)
+    plain_attention_mask: torch.Tensor  # long [B, T]
+    lengths: torch.Tensor  # long [B] ground-truth lengths T_b
+    images: dict[str, torch.Tensor]  # the model's image inputs (pixels in model dtype), {} without images
     labels: torch.Tensor  # long [B, T] ground-truth labels at original positions (IGNORE_INDEX elsewhere)
     resp_rows: torch.Tensor  # long [N] flat row of each response position
     resp_targets: torch.Tensor  # long [N] its labelled next token
@@ -55,10 +62,10 @@ class DistillBatch:
     iva_weights: torch.Tensor  # fp32 [M] teacher saliency w at those positions
     iva_sample: torch.Tensor  # long [M] sample of each row, in [0, B)
     attn_queries: tuple[torch.Tensor, ...]  # B x long [n_q_b] probe query positions (W coordinates)
-    attn_keys: tuple[torch.Tensor, ...]  # B x long [n_v] probe key (vision) positions
-    attn_saliency: torch.Tensor  # fp32 [S, n_v] cached saliency of the samples in attn_sample
+    attn_keys: tuple[torch.Tensor, ...]  # B x long [n_v_b] probe key (vision) positions
+    attn_saliency: torch.Tensor  # fp32 [S, K] cached saliency of the samples in attn_sample (K = max n_v_b, 0-padded)
     attn_sample: torch.Tensor  # long [S]
-    ground_target: torch.Tensor  # fp32 [S_g, n_v] box-annotation target (grounding) of ground_sample
+    ground_target: torch.Tensor  # fp32 [S_g, K] box-annotation target (grounding) of ground_sample, 0-padded
     ground_sample: torch.Tensor  # long [S_g]
     tpa_rows: torch.Tensor  # long [N_c * d] flat rows of the candidates, step-major (their input ids: the candidates)
     tpa_step_rows: torch.Tensor  # long [N_c] flat ground-truth row t of each step (its next token is y_{t+1})
@@ -122,15 +129,16 @@ def _layout(examples: list[DistillExample], pad_id: int, image_token_id: int, us
     """Model inputs plus `gt` (long [B, T]: W-coordinate of each original position) and TPA parts."""
     samples = [e.student for e in examples]
     plain = collate(samples, pad_id)
-    out = {"labels": plain.labels, "pixel_values": plain.pixel_values, "tpa": None}
+    out = {"labels": plain.labels, "images": plain.images, "tpa": None, "plain_input_ids": plain.input_ids,
+           "plain_attention_mask": plain.attention_mask}
     if not use_ribbon:
         width = plain.input_ids.shape[1]
         out.update(input_ids=plain.input_ids, attention_mask=plain.attention_mask, position_ids=None,
                    gt=torch.arange(width).expand(len(samples), width), width=width)
         return out
-    steps, cands, cand_lps = _tpa_inputs(examples, plain.pixel_values is not None, image_token_id, pad_id, vocab_size)
+    steps, cands, cand_lps = _tpa_inputs(examples, bool(plain.images), image_token_id, pad_id, vocab_size)
     ribbon = build_ribbon([s.input_ids for s in samples], steps, cands, pad_id, dtype=dtype,
-                          image_token_id=image_token_id if plain.pixel_values is not None else None)
+                          image_token_id=image_token_id if plain.images else None)
     width = ribbon.input_ids.shape[1]
     flat = ribbon.cand_batch[:, None] * width + ribbon.cand_index  # [N_c, d]
     # the ground-truth row each step's candidates stand in for: p(. | y_<=t) there proposes them
@@ -181,8 +189,7 @@ def _probe_positions(examples: list[DistillExample], lay: dict, enabled: bool) -
     """Probe queries (instruction tokens) and keys (vision tokens) of every sample, W coordinates."""
     if not enabled:
         return {"attn_queries": (), "attn_keys": ()}
-    n_v = max(e.student.n_v for e in examples)
-    queries, keys = probe_targets(tuple(e.student for e in examples), n_v)  # the teacher's own rule
+    queries, keys = probe_targets(tuple(e.student for e in examples))  # the teacher's own rule
     gt = lay["gt"]
     return {"attn_queries": tuple(gt[b, q] for b, q in enumerate(queries)),
             "attn_keys": tuple(gt[b, k] if examples[b].student.n_v else k for b, k in enumerate(keys))}
@@ -193,16 +200,26 @@ def _attention_targets(examples: list[DistillExample], enabled: bool) -> dict:
     chosen = [b for b, e in enumerate(examples) if enabled and e.signals is not None and e.signals.saliency.size]
     for b in chosen:
         _require_same_grid(examples[b])
-    return {"attn_saliency": torch.from_numpy(np.stack([examples[b].signals.saliency for b in chosen])).float()
-            if chosen else torch.zeros(0, 0), "attn_sample": torch.tensor(chosen, dtype=_LONG)}
+    return {"attn_saliency": _padded_rows([examples[b].signals.saliency for b in chosen], examples),
+            "attn_sample": torch.tensor(chosen, dtype=_LONG)}
+
+
+def _padded_rows(rows: list[np.ndarray], examples: list[DistillExample]) -> torch.Tensor:
+    """fp32 [S, K]: per-sample vectors over their own n_v vision tokens, 0-padded to K = max n_v of the
+    batch (the probe's key width: its results are 0 there too)."""
+    width = max(e.student.n_v for e in examples)
+    out = torch.zeros(len(rows), width if rows else 0)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.float32))
+    return out
 
 
 def _ground_targets(examples: list[DistillExample], enabled: bool) -> dict:
     """Grounding: box-annotation targets [S_g, n_v] of the samples that have one."""
     targets = [grounding_target(e.student) for e in examples] if enabled else []
     chosen = [b for b, t in enumerate(targets) if t is not None]
-    return {"ground_target": torch.from_numpy(np.stack([targets[b] for b in chosen])) if chosen
-            else torch.zeros(0, 0), "ground_sample": torch.tensor(chosen, dtype=_LONG)}
+    return {"ground_target": _padded_rows([targets[b] for b in chosen], examples),
+            "ground_sample": torch.tensor(chosen, dtype=_LONG)}
 
 
 def _require_same_grid(e: DistillExample) -> None:
@@ -263,13 +280,32 @@ def build_distill_batch(examples: list[DistillExample], pad_id: int, image_token
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(dev, dtype) if t.is_floating_point() and t.dim() == 4 else t.to(dev)
 
-    pixel_values = lay["pixel_values"]
     return DistillBatch(
         input_ids=lay["input_ids"].to(dev), attention_mask=move(lay["attention_mask"]),
         position_ids=None if lay["position_ids"] is None else lay["position_ids"].to(dev),
-        pixel_values=None if pixel_values is None else pixel_values.to(dev, dtype), labels=lay["labels"].to(dev),
+        plain_input_ids=lay["plain_input_ids"].to(dev), plain_attention_mask=lay["plain_attention_mask"].to(dev),
+        lengths=torch.tensor([e.student.length for e in examples], device=dev),
+        images=move_images(lay["images"], dev, dtype), labels=lay["labels"].to(dev),
         **{k: (tuple(x.to(dev) for x in v) if isinstance(v, tuple) else v.to(dev)) for k, v in parts.items()},
         num_samples=len(examples), num_tokens=sum(e.student.length for e in examples),
         max_input_id=int(lay["input_ids"].max()), sample_ids=tuple(e.student.sample_id for e in examples),
         term_counts=counts,
     )
+
+
+def to_device(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
+    """`batch` with every tensor on `device` (the same object when they already are)."""
+    dev = torch.device(device)
+    if batch.input_ids.device == dev:
+        return batch
+
+    def move(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return v.to(dev)
+        if isinstance(v, tuple):  # per-sample tensors (probe positions) or strings (sample ids)
+            return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in v)
+        if isinstance(v, dict):  # the model's image inputs (tensors); the term counts (floats) stay
+            return {k: x.to(dev) if isinstance(x, torch.Tensor) else x for k, x in v.items()}
+        return v
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})

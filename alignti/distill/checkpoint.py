@@ -1,13 +1,15 @@
 """Distillation output directory, checkpoints (save / find / load / prune) and the final save.
 
 A checkpoint `OUT/checkpoints/step-N/` holds:
-- `trainable.safetensors`: the trainable parameters (fp32 master weights); frozen ones come
-  back from the student directory, whose weights hash `state.json` records;
-- `optimizer.pt`, `scheduler.pt`: `state_dict()`s saved with `torch.save`, read back with
-  `torch.load(weights_only=True)` (tensors, numbers, lists, dicts only; never pickled code);
+- `trainable.safetensors`: the trainable parameters (fp32 master weights, full tensors also
+  under FSDP); frozen ones come back from the student directory, whose weights hash
+  `state.json` records;
+- `optimizer.pt`, `scheduler.pt`: state dicts saved with `torch.save`, read back with
+  `torch.load(weights_only=True)` (tensors, numbers, lists, dicts only; never pickled code); under
+  FSDP the optimizer's is the full, parameter-name-keyed one (`distill/sharding.py`);
 - `rng-<rank>.pt`: each process's torch CPU (and CUDA) generator state;
 - `state.json`: step, data cursor (epoch, step in epoch), processes x micro-batches per step,
-  the config, the student's weights hash. Written last.
+  whether FSDP wrote it, the config, the student's weights hash. Written last.
 It is built in `checkpoints/.tmp-step-N` and renamed into place, so a kill at any moment leaves
 either a complete checkpoint or none (stale temp dirs are removed on the next save).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 LOG = "log.jsonl"
 RUN_JSON = "distill.json"  # written at start: marks the directory as a distill output
+RUN_FILE = "distill.yaml"  # the run's options, as `alignti distill --config` reads them (rewritten on resume)
 STATE = "state.json"
 _PREFIX = "step-"
 
@@ -127,11 +131,12 @@ def write_rank_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
 
 
-def finish_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                      keep: int) -> Path:
-    """Write weights, optimizer, scheduler and state.json into `tmp`, rename it into place, prune."""
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any], scheduler: Any,
+                      state: dict[str, Any], keep: int) -> Path:
+    """Write weights (trainable, full CPU tensors), optimizer state, scheduler and state.json into
+    `tmp`, rename it into place, prune."""
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     _write_json(tmp / STATE, state)
     for f in tmp.iterdir():
@@ -148,10 +153,11 @@ def finish_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: Any, schedul
     return final
 
 
-def save_checkpoint(acc: Any, out: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    state: dict[str, Any], keep: int) -> None:
-    """Collective (every process calls it): the main process writes weights, optimizer, scheduler
-    and state.json (with state["step"]); every process writes its RNG state. acc: an Accelerator."""
+def save_checkpoint(acc: Any, out: str | Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    scheduler: Any, state: dict[str, Any], keep: int) -> None:
+    """Collective (every process calls it): the main process writes weights, optimizer state (both
+    as gathered by the caller; other processes pass {}), scheduler and state.json (with
+    state["step"]); every process writes its RNG state. acc: an Accelerator."""
     step = int(state["step"])
     if acc.is_main_process:
         begin_checkpoint(out, step)
@@ -160,7 +166,7 @@ def save_checkpoint(acc: Any, out: str | Path, model: torch.nn.Module, optimizer
     write_rank_rng(tmp, acc.process_index)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        finish_checkpoint(tmp, model, optimizer, scheduler, state, keep)
+        finish_checkpoint(tmp, weights, optimizer_state, scheduler, state, keep)
     acc.wait_for_everyone()
 
 
@@ -171,12 +177,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise AlignTIError(f"checkpoint {str(ckpt)!r} has an unreadable state.json: {e}") from None
 
 
-def check_resume(cfg: Any, path: Path, per_step: int, student_weights: str) -> dict[str, Any]:
+def check_resume(cfg: Any, path: Path, per_step: int, student_weights: str, fsdp: bool) -> dict[str, Any]:
     """The checkpoint's state.json, after checking that it belongs to this run.
 
     cfg: the DistillConfig resuming; per_step: micro-batches per optimizer step over all
     processes (must match: it decides which samples form each step); student_weights: the
-    student directory's weights hash (frozen weights are reloaded from it).
+    student directory's weights hash (frozen weights are reloaded from it); fsdp: whether this run
+    shards (the optimizer state is stored another way).
     """
     state = read_state(path)
     diffs = resume_differences(cfg, state.get("config", {}))
@@ -187,6 +194,9 @@ def check_resume(cfg: Any, path: Path, per_step: int, student_weights: str) -> d
     if state.get("micro_batches_per_step") != per_step:
         raise AlignTIError(f"--resume: the checkpoint used {state.get('micro_batches_per_step')} micro-batches per "
                            f"step (processes x --grad-accum), this run {per_step}: keep the global batch")
+    if bool(state.get("fsdp", False)) != fsdp:
+        raise AlignTIError(f"--resume: the checkpoint was written {'with' if state.get('fsdp') else 'without'} FSDP, "
+                           f"this run is launched {'with' if fsdp else 'without'}: use the same accelerate config")
     return state
 
 
@@ -216,8 +226,10 @@ def load_trainable(ckpt: Path, model: torch.nn.Module) -> None:
             p.copy_(saved[n])
 
 
-def load_optimizer_state(ckpt: Path, optimizer: Any, scheduler: Any) -> None:
-    optimizer.load_state_dict(_load_tensors(ckpt / "optimizer.pt"))
+def load_optimizer_state(ckpt: Path, load_optimizer: Callable[[dict[str, Any]], None], scheduler: Any) -> None:
+    """Give optimizer.pt's state dict to `load_optimizer` (e.g. `optimizer.load_state_dict`) and
+    restore the scheduler."""
+    load_optimizer(_load_tensors(ckpt / "optimizer.pt"))
     scheduler.load_state_dict(_load_tensors(ckpt / "scheduler.pt"))
 
 
@@ -256,15 +268,16 @@ def saved_dtype(student: str | Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
-def save_final(model: torch.nn.Module, processor: Any, out: str | Path, dtype: torch.dtype) -> Path:
-    """`save_pretrained` model (in `dtype`) + processor into OUT/final, via a temp dir + rename."""
+def save_final(model: torch.nn.Module, parts: Any, out: str | Path, dtype: torch.dtype) -> Path:
+    """`save_pretrained` model (in `dtype`) + its parts (`ModelParts`: tokenizer, processor files) into
+    OUT/final, via a temp dir + rename."""
     final = Path(out) / FINAL
     tmp = Path(out) / f".tmp-{FINAL}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.to(dtype)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    parts.save(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

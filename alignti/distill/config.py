@@ -8,6 +8,7 @@ command line fails with one AlignTIError line before anything loads. No torch he
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -28,6 +29,7 @@ TPA_WEIGHTINGS = ("teacher", "uniform", "student")
 IVA_TARGETS = ("logits", "attention")
 TRAIN_CHOICES = ("projector", "llm", "all", "full")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb")  # experiment trackers (alignti.distill.trackers)
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> None:
@@ -111,7 +113,7 @@ def _resumable(**meta: Any) -> dict[str, Any]:
 class DistillConfig:
     """`alignti distill` options; field names are CLI option names (`_` -> `-`)."""
 
-    student: str = field(metadata={"help": "student model directory (LLaVA-style, loadable with the Auto classes)"})
+    student: str = field(metadata={"help": "student model directory (LLaVA or Qwen-VL, loadable with the Auto classes)"})
     out: str = field(metadata={"help": "output directory: log.jsonl, checkpoints/, final/ (the trained student)"})
     cache: str | None = field(default=None, metadata={"help": "teacher-signal cache from `alignti extract`"})
     data: str | None = field(default=None, metadata={
@@ -134,6 +136,10 @@ class DistillConfig:
     example_memory_mb: int = field(default=512, metadata=_resumable(
         help="keep built examples (pixels, tokens, signals) in RAM up to this many MB per process, so later "
              "epochs skip decoding and cache reads (0 = off)"))
+    num_workers: int | None = field(default=None, metadata=_resumable(
+        help="DataLoader worker processes per training process that build the coming micro-batches (image "
+             "decode, tokenisation, cache reads, assembly) while the model trains; 0 = in the training process "
+             "[default: 2 on GPU, 0 on CPU, where the step's threads already use every core]"))
     adam_beta2: float = field(default=0.999, metadata={
         "help": "AdamW beta2 (0.98 adapts faster; the demo's from-scratch models need it)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -155,6 +161,10 @@ class DistillConfig:
     log_every: int = field(default=1, metadata=_resumable(
         help="progress-bar refresh every N steps (log.jsonl gets all)"))
     progress: bool = field(default=True, metadata=_resumable(help="show a progress bar"))
+    report_to: str = field(default="none", metadata=_resumable(
+        help="experiment tracker for every loss term, lr, grad norm and tokens/s per step: tensorboard "
+             "(OUT/tensorboard/; pip install 'alignti[tensorboard]') or wandb ('alignti[wandb]'; WANDB_MODE=offline "
+             "works without an account)", choices=REPORT_TO))
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -184,6 +194,8 @@ class DistillConfig:
             raise AlignTIError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise AlignTIError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise AlignTIError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.example_memory_mb < 0:
             raise AlignTIError(f"--example-memory-mb must be >= 0, got {self.example_memory_mb}")
         if not 0.0 < self.adam_beta2 < 1.0:
@@ -194,6 +206,10 @@ class DistillConfig:
             raise AlignTIError("--save-every and --keep-checkpoints must be >= 0")
         _choice(self.dtype, DTYPE_CHOICES, "--dtype")
         _choice(self.train, TRAIN_CHOICES, "--train")
+        _choice(self.report_to, REPORT_TO, "--report-to")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise AlignTIError(f"--report-to {self.report_to} needs the {self.report_to} package: "
+                               f"pip install 'alignti[{self.report_to}]'")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise AlignTIError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

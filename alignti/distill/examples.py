@@ -4,21 +4,24 @@ The cache is keyed by content-hash sample id (image bytes + conversation), never
 the join re-reads the corpus the cache was built from and looks each row up. At start only what
 needs no image and no tokenisation is read: each part's samples.parquet (ids, text lengths, n_v)
 and the corpus rows. An `ExampleSet` keeps per sample the corpus row (its text; the image stays on
-disk) and a few numbers; a micro-batch's examples are encoded with the STUDENT's processor
-(`data/encode.py`, the one tokenisation path) and their signals read in one batched cache read
-when the loop reaches them. Every joined sample is then verified against what the teacher saw:
-identical unexpanded token ids, the same response positions and label spans. A mismatch is an
-AlignTIError naming the sample, never a silent misalignment of teacher rows.
+disk) and a few numbers; examples are encoded with the STUDENT's processor (`data/encode.py`,
+the one tokenisation path) and their signals read in one batched cache read when the loader
+builds them (`distill/loader.py`: a window of upcoming micro-batches at a time). Every joined
+sample is then verified against what the teacher saw: identical unexpanded token ids, the same
+response positions and label spans. A mismatch is an AlignTIError naming the sample, never a
+silent misalignment of teacher rows.
 
 What cannot be known without decoding an image (a corrupt file, an image changed since
 extraction: its content hash no longer matches) is found when the sample is first built: it is
 dropped from that micro-batch and reported with the sample named (`ExampleSet.late_rejects`).
 
 Position mapping. Cached positions are in the teacher's expanded sequence. A student whose vision
-grid differs (n_v_S != n_v_T) has the same text ids, and every position after the image run is
+grid differs (n_v_S != n_v_T for a sample: another fixed grid, or other resolution settings of a
+dynamic-resolution processor) has the same text ids, and every position after the image run is
 shifted by n_v_S - n_v_T; response rows (KD, TPA) therefore still line up and are checked after
 that shift. Rows inside the image run (IVA) cannot be mapped: `check_iva_compatible` refuses IVA
-for such a student.
+for such a student, naming the first sample whose counts differ. The student's n_v of every
+sample is known at start from the image file's header size alone (`SampleEncoder.vision_tokens`).
 """
 
 from __future__ import annotations
@@ -97,17 +100,19 @@ class ExampleSet(Sequence):
     """Sequence of DistillExample built on demand; `lengths` (expanded student lengths) known up front.
 
     Held per sample: the CorpusRow, its int64 length, and with a cache the int64 cache index and the
-    32-byte sample id, int32 teacher n_v and an IVA flag of its cached signals.
+    32-byte sample id, int32 teacher and student n_v and an IVA flag of its cached signals.
     """
 
     def __init__(self, encoder: SampleEncoder, rows: list[CorpusRow], lengths: list[int],
                  reader: CacheReader | None = None, sample_ids: list[str] | None = None,
-                 teacher_n_v: list[int] | None = None, has_iva: list[bool] | None = None) -> None:
+                 teacher_n_v: list[int] | None = None, student_n_v: list[int] | None = None,
+                 has_iva: list[bool] | None = None) -> None:
         self.encoder, self.rows, self.reader = encoder, rows, reader
         self._lengths = np.asarray(lengths, dtype=np.int64)
         self._ids = np.array(sample_ids or [], dtype="S")
         self._cache_index = reader.index_of(sample_ids) if reader is not None else np.zeros(0, np.int64)
         self._teacher_n_v = np.asarray(teacher_n_v or [], dtype=np.int32)
+        self._student_n_v = np.asarray(student_n_v or [], dtype=np.int32)
         self._has_iva = np.asarray(has_iva or [], dtype=bool)
         self.memo = ExampleMemo(0)  # see keep_in_memory
         self.late_rejects: dict[int, Reject] = {}  # index -> why it could not be built (found when first used)
@@ -125,10 +130,9 @@ class ExampleSet(Sequence):
         """Whether some sample has no image (its micro-batch skips the projector)."""
         return any(not r.image for r in self.rows)
 
-    def iva_samples(self) -> list[tuple[str, int, int]]:
-        """(sample id, teacher n_v, student n_v) of every sample with cached IVA signals."""
-        n_v = self.encoder.vision_tokens
-        return [(self._ids[i].decode(), int(self._teacher_n_v[i]), n_v if self.rows[i].image else 0)
+    def iva_samples(self) -> list[tuple[str, str, int, int]]:
+        """(sample id, source id, teacher n_v, student n_v) of every sample with cached IVA signals."""
+        return [(self._ids[i].decode(), self.rows[i].source_id, int(self._teacher_n_v[i]), int(self._student_n_v[i]))
                 for i in np.flatnonzero(self._has_iva)]
 
     def __getitem__(self, i: int) -> DistillExample:  # type: ignore[override]
@@ -139,16 +143,34 @@ class ExampleSet(Sequence):
         self.memo = ExampleMemo(budget_bytes)
 
     def get_many(self, indices: Sequence[int]) -> list[DistillExample]:
-        """The usable examples at `indices`, in order: from the memo, or built now (signals in one batched
-        cache read). A sample that cannot be built is left out and recorded in `late_rejects`."""
-        idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
-        if any(not 0 <= i < len(self) for i in idx):
-            raise IndexError(f"example index out of range for {len(self)} examples")
+        """The usable examples at `indices`, in order (see `fetch`)."""
+        idx = self._checked(indices)
+        found = self.fetch(idx)
+        return [found[i] for i in idx if i in found]
+
+    def fetch(self, indices: Sequence[int]) -> dict[int, DistillExample]:
+        """index -> example for the usable ones among `indices`: from the memo, or built now, all of
+        them with their signals in one batched cache read (one read per cache part they fall in). A
+        sample that cannot be built is left out and recorded in `late_rejects`."""
+        idx = self._checked(indices)
         missing = sorted({i for i in idx if i not in self.memo and i not in self.late_rejects})
         built = self._build(missing) if missing else {}
         for i, ex in built.items():
             self.memo.put(i, ex)
-        return [built[i] if i in built else self.memo[i] for i in idx if i not in self.late_rejects]
+        return {i: built[i] if i in built else self.memo[i] for i in idx if i not in self.late_rejects}
+
+    def in_worker(self) -> None:
+        """Prepare this copy for a DataLoader worker process: no example memory (the main process keeps
+        it) and the cache reader's own file handles (never the parent's)."""
+        self.memo = ExampleMemo(0)
+        if self.reader is not None:
+            self.reader.drop_handles()
+
+    def _checked(self, indices: Sequence[int]) -> list[int]:
+        idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
+        if any(not 0 <= i < len(self) for i in idx):
+            raise IndexError(f"example index out of range for {len(self)} examples")
+        return idx
 
     def first_usable(self) -> DistillExample:
         """The first example that can be built: a stand-in for a micro-batch none of whose samples could."""
@@ -214,17 +236,18 @@ def cache_examples(reader: CacheReader, encoder: SampleEncoder,
     by_source: dict[str, set[str]] = {}
     for sid, (src, sha, *_) in index.items():
         by_source.setdefault(src, set()).add(sha)
-    rows, sids, lengths, rejects = [], [], [], []
+    rows, sids, lengths, n_vs, rejects = [], [], [], [], []
     matched: set[str] = set()
     rejected_sources: set[str] = set()
     for row in read_corpus(path):
         if isinstance(row, Reject) or row.source_id not in by_source:
             continue
         image = encoder.image_file(row)
-        bad = image if isinstance(image, Reject) else None
+        n_v = image if isinstance(image, Reject) else encoder.vision_tokens(image)
+        bad = Reject(row.source_id, n_v.reason, n_v.detail) if isinstance(n_v, Reject) else None
         sid = next((s for s in (sample_content_id(sha, row.turns) for sha in sorted(by_source[row.source_id]))
                     if s in index and s not in matched), None)
-        length = 0 if sid is None else encoder.expanded_length(index[sid][2], int(bool(index[sid][1])))
+        length = 0 if sid is None or bad is not None else encoder.expanded_length(index[sid][2], n_v)
         if bad is None and length > encoder.max_length:
             bad = Reject(row.source_id, TOO_LONG, f"{length} tokens > max length {encoder.max_length}")
         if bad is not None:
@@ -235,12 +258,14 @@ def cache_examples(reader: CacheReader, encoder: SampleEncoder,
             rows.append(row)
             sids.append(sid)
             lengths.append(length)
+            n_vs.append(n_v)
     missing = [(sid, v[0]) for sid, v in index.items() if sid not in matched and v[0] not in rejected_sources]
     if missing:
         raise AlignTIError(f"{len(missing)} cached sample(s) match no row of corpus {path!r} (e.g. sample "
                            f"{missing[0][0]}, source {missing[0][1]!r}): the corpus or its images "
                            f"changed since extraction, or --data / --image-root point elsewhere")
-    out = ExampleSet(encoder, rows, lengths, reader, sids, [index[s][3] for s in sids], [index[s][4] for s in sids])
+    out = ExampleSet(encoder, rows, lengths, reader, sids, [index[s][3] for s in sids], n_vs,
+                     [index[s][4] for s in sids])
     if rows:  # fail fast on a tokenizer / template mismatch: the first sample's text ids (no image)
         first = reader.get_batch(out._cache_index[:1])[0]
         _verify_text_ids(_where(first), encoder.text_ids(rows[0]), np.asarray(first.text_ids, np.int64))
@@ -261,21 +286,21 @@ def corpus_examples(data: str, encoder: SampleEncoder) -> tuple[ExampleSet, list
     return ExampleSet(encoder, rows, lengths), rejects
 
 
-def check_iva_compatible(examples: ExampleSet, student_n_v: int) -> None:
+def check_iva_compatible(examples: ExampleSet) -> None:
     """Call when the IVA weight is > 0: AlignTIError unless IVA can be computed for this student.
 
     IVA compares teacher and student at the same vision positions (logits target) or over the same
-    vision tokens (attention target), so the student's vision-token count per image must equal the
-    teacher's; the cache must also hold IVA signals.
+    vision tokens (attention target), so the student's vision-token count of every sample's image
+    must equal the teacher's; the cache must also hold IVA signals.
     """
     with_iva = examples.iva_samples()
     if not with_iva:
         raise AlignTIError("IVA is requested but no sample has IVA signals (a corpus without a cache, a cache "
                            "extracted with --iva-layer none, or no images): set --iva-weight 0 or use --recipe kd")
-    for sample_id, teacher_n_v, sample_n_v in with_iva:
-        if teacher_n_v != student_n_v or sample_n_v != teacher_n_v:
+    for sample_id, source_id, teacher_n_v, student_n_v in with_iva:
+        if teacher_n_v != student_n_v:
             raise AlignTIError(
-                f"IVA needs the student's vision-token count to equal the teacher's: the cache has n_v={teacher_n_v} "
-                f"per image, the student {student_n_v if student_n_v != teacher_n_v else sample_n_v} (sample "
-                f"{sample_id}); use --iva-weight 0 (or --recipe kd), or a student with the teacher's "
-                f"image size and patch size")
+                f"IVA needs the student's vision-token count to equal the teacher's: sample {sample_id} (source "
+                f"{source_id!r}) has n_v={teacher_n_v} in the cache, the student gives its image {student_n_v}; use "
+                f"--iva-weight 0 (or --recipe kd), or a student with the teacher's image processor settings "
+                f"(image size and patch size; Qwen-VL: patch, merge, min_pixels, max_pixels)")

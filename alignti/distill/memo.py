@@ -17,7 +17,9 @@ import torch
 
 
 def nbytes(obj: Any) -> int:
-    """Bytes of the tensors and arrays an example holds (through nested dataclass fields)."""
+    """Bytes of the tensors and arrays an example holds (through nested dataclass fields and dicts)."""
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
@@ -42,6 +44,9 @@ class ExampleMemo:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def has_room(self) -> bool:
+        return self.used < self.budget
 
     def put(self, i: int, example: Any) -> None:
         size = nbytes(example)

@@ -26,6 +26,7 @@ from alignti.distill.losses import (
     SumCount, iva_attention_loss, iva_loss, kd_loss, sft_kd_loss, sft_rows_loss, tpa_loss,
 )
 from alignti.errors import AlignTIError
+from alignti.models.family import decoder_hidden, family_of
 from alignti.models.probe import probe_attention
 
 
@@ -88,8 +89,8 @@ def _zero(hidden: torch.Tensor) -> SumCount:
 class Objective(torch.nn.Module):
     """The student plus the weighted loss terms: forward(batch) -> {term: (sum, count)}.
 
-    model: a LLaVA-style `*ForConditionalGeneration` (uses `model.model` and
-    `model.get_output_embeddings()`). iva_layer / ground_layer: from `probe_layers`. autocast:
+    model: a `*ForConditionalGeneration` of any family (`alignti.models.family`: its decoder, LM
+    head and position ids). iva_layer / ground_layer: from `probe_layers`. autocast:
     bf16 autocast over fp32 master weights, or None for fp32; the loss terms upcast their rows to
     fp32 either way. Mixed precision is ours, not accelerate's: its process-wide state would refuse
     a second run with another --dtype in the same process.
@@ -101,6 +102,7 @@ class Objective(torch.nn.Module):
         self.model, self.loss_cfg, self.autocast = model, loss_cfg, autocast
         self.iva_layer, self.ground_layer = iva_layer, ground_layer
         self.weights, self.div = loss_cfg.weights(), loss_cfg.divergence_kwargs()
+        self.family = family_of(model.config)
         assert (iva_layer is not None) == (self.weights["iva"] > 0 and loss_cfg.iva_target == "attention"), iva_layer
         assert (ground_layer is not None) == (self.weights["ground"] > 0), ground_layer
 
@@ -111,16 +113,20 @@ class Objective(torch.nn.Module):
             return self._terms(batch)
 
     def _hidden(self, batch: DistillBatch, layers: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Hidden states [B, W, H] of the student's decoder and its attention {layer: [B, n_v]} at `layers`."""
+        """Hidden states [B, W, H] of the student's decoder and its attention {layer: [B, K]} at `layers`.
+
+        Positions: the family's for the plain batch, and for a ribbon each slot's stand-in's."""
         assert batch.max_input_id < self.model.get_input_embeddings().num_embeddings, "build the batch with vocab_size"
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                  "pixel_values": batch.pixel_values, "use_cache": False}
+        positions = None
         if batch.position_ids is not None:
-            inputs["position_ids"] = batch.position_ids
+            plain = self.family.plain_positions(self.model, batch.plain_input_ids, batch.plain_attention_mask,
+                                                batch.images)
+            positions = self.family.ribbon_positions(plain, batch.position_ids, batch.lengths)
         ctx = nullcontext(None) if not layers else probe_attention(
             self.model, layers, list(batch.attn_queries), list(batch.attn_keys), keep_graph=True)
         with ctx as probe:
-            hidden = self.model.model(**inputs)[0]
+            hidden = decoder_hidden(self.model, batch.input_ids, batch.attention_mask, batch.images, positions,
+                                    use_cache=False)
         return hidden, {} if probe is None else probe.result(normalize=False)
 
     def _terms(self, batch: DistillBatch) -> dict[str, SumCount]:
@@ -133,7 +139,7 @@ class Objective(torch.nn.Module):
         # [B * W, H]; every term gathers its rows and applies the LM head chunk by chunk inside its
         # recomputed loss chunk (kl.chunked_row_sum), so no [N, V] logits exist whatever N is.
         flat = hidden.reshape(-1, hidden.shape[-1])
-        fused = {"head": self.model.get_output_embeddings(), **div}
+        fused = {"head": self.family.lm_head(self.model), **div}
         terms: dict[str, SumCount] = {}
         if w["sft"] > 0 and w["kd"] > 0:  # one head pass over the response rows for both
             terms["sft"], terms["kd"] = sft_kd_loss(flat, batch.resp_targets, batch.kd_ids, batch.kd_logprobs,

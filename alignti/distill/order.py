@@ -33,14 +33,17 @@ def split_steps(micro: list[list[int]], per_step: int) -> list[list[list[int]]]:
     return [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
 
 
-def rank_share(step_micro: list[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
+def rank_share(step_micro: list[list[int]], rank: int, world: int, even: bool = False) -> list[tuple[list[int], bool]]:
     """This process's (indices, live) micro-batches of one step: every world-th one from `rank`.
 
     A process left with none (a short last step) re-runs the step's first micro-batch with
     live=False (its loss is multiplied by 0), so every process joins the gradient all-reduce.
+    even: every process gets the same number, ceil(len / world), padded the same way (FSDP
+    gathers parameters in every forward, so every process must run as many).
     """
     mine = [(m, True) for m in step_micro[rank::world]]
-    return mine or [(step_micro[0], False)]
+    count = -(-len(step_micro) // world) if even else max(1, len(mine))
+    return mine + [(step_micro[0], False)] * (count - len(mine))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -13,7 +13,9 @@ AdamW + cosine schedule on `accelerate`, then the loop. Each optimizer step:
    that of the global mean, however the samples are split;
 4. clip, step, schedule, log; checkpoint every --save-every steps.
 
-The same script runs unchanged under `accelerate launch --num_processes N` (DDP, gloo on CPU).
+The same script runs unchanged under `accelerate launch --num_processes N` (DDP, gloo on CPU),
+and with an FSDP accelerate config shards the student itself (`sharding.py`). The micro-batches
+are built ahead, in --num-workers DataLoader workers (`loader.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +37,23 @@ from tqdm import tqdm
 
 from alignti.data.encode import SampleEncoder
 from alignti.distill import checkpoint as ckpt
-from alignti.distill.batches import build_distill_batch
+from alignti.distill import sharding
+from alignti.distill import trackers
 from alignti.distill.config import TERMS, DistillConfig, LossConfig
 from alignti.distill.examples import ExampleSet, cache_examples, check_iva_compatible, corpus_examples
 from alignti.distill.kl import PADDED_MASS_WARN
+from alignti.distill.loader import loader_workers, step_batches, step_plan, window_builder
 from alignti.distill.losses import combine
 from alignti.distill.objective import Objective, padded_mass_warning, probe_layers
-from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
-from alignti.cliargs import options
+from alignti.distill.order import lr_factor
+from alignti.distill.plot import plot_log
+from alignti.cliargs import options, write_run_file
 from alignti.errors import AlignTIError
+from alignti.models.family import ModelParts, family_of, load_parts
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_model, load_processor, resolve_device
+from alignti.models.loading import load_model, resolve_device
 from alignti.progress import progress_bar
 from alignti.storage.reader import CacheReader
-
-PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector")
-VISION_KEYS = ("vision_tower", "vision_model")
 
 
 # ---------------------------------------------------------------- setup
@@ -60,10 +63,11 @@ def make_accelerator(cfg: DistillConfig, find_unused: bool) -> Accelerator:
     """Accelerator for --device. find_unused: some micro-batch may leave parameters out of the
     graph (a text-only sample skips the projector); DDP must then be told, or it waits for their
     gradients forever. It costs a graph traversal per step, so it is on only when needed.
-    Mixed precision is ours (`Objective`), not accelerate's."""
+    Mixed precision is ours (`Objective`), not accelerate's; --report-to picks accelerate's tracker."""
     device = resolve_device(cfg.device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
-    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp],
+                       log_with=trackers.log_with(cfg.report_to), project_dir=cfg.out)
 
 
 def autocast_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
@@ -81,10 +85,10 @@ def open_cache(cfg: DistillConfig, student_fp: dict) -> CacheReader | None:
     return reader
 
 
-def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any) -> tuple[ExampleSet, list]:
+def load_examples(cfg: DistillConfig, reader: CacheReader | None, parts: ModelParts) -> tuple[ExampleSet, list]:
     """(examples, rejects): cached samples joined with the student's encoding, or a corpus; lazy
     (each micro-batch is encoded and its signals read when the loop reaches it)."""
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     examples, rejects = corpus_examples(cfg.data, encoder) if reader is None else cache_examples(reader, encoder,
                                                                                                  cfg.data)
     examples.keep_in_memory(cfg.example_memory_mb * 2**20)
@@ -92,11 +96,12 @@ def load_examples(cfg: DistillConfig, reader: CacheReader | None, processor: Any
 
 
 def freeze(model: torch.nn.Module, train: str) -> list[str]:
-    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params."""
+    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params.
+    The model's family says which parameters are the tower and the projector (Qwen-VL: the merger)."""
     names = []
+    family = family_of(model.config)
     for name, p in model.named_parameters():
-        part = ("vision" if any(k in name for k in VISION_KEYS)
-                else "projector" if any(k in name for k in PROJECTOR_KEYS) else "llm")
+        part = family.part_of(name)
         p.requires_grad_(train == "full" or (part != "vision" and train in (part, "all")))
         if p.requires_grad:
             names.append(name)
@@ -117,9 +122,10 @@ def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.A
 
 
 def optimizer_step(acc: Accelerator, objective: torch.nn.Module, batches: list, live: list[bool],
-                   weights: dict[str, float]) -> dict[str, torch.Tensor]:
+                   weights: dict[str, float], sync_each: bool = False) -> dict[str, torch.Tensor]:
     """Forward + backward over this process's micro-batches; returns this process's shares of
-    each term's global mean (they add up over processes to the global means)."""
+    each term's global mean (they add up over processes to the global means). sync_each: reduce
+    gradients after every micro-batch (FSDP), not only after the last (DDP's no_sync)."""
     counts = torch.zeros(len(TERMS), dtype=torch.float64, device=acc.device)
     for b, on in zip(batches, live):
         if on:
@@ -129,7 +135,7 @@ def optimizer_step(acc: Accelerator, objective: torch.nn.Module, batches: list, 
     global_counts = {n: float(v) for n, v in zip(TERMS, counts.tolist())}
     shares: dict[str, torch.Tensor] = {}
     for j, (b, on) in enumerate(zip(batches, live)):
-        sync = j == len(batches) - 1
+        sync = sync_each or j == len(batches) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(objective):
             terms = objective(b)
             total, means = combine(terms, weights, global_counts)
@@ -173,11 +179,11 @@ class Run:
     loss_cfg: LossConfig
     weights: dict[str, float]
     student_fp: dict
-    processor: Any
-    examples: ExampleSet  # built per micro-batch (get_many), never all at once
+    parts: ModelParts  # the student's tokenizer, image processor, template (saved with the final model)
+    examples: ExampleSet  # built a window of micro-batches at a time (loader.py), never all at once
     rejects: list
-    model: torch.nn.Module  # the student itself (unwrapped)
-    objective: torch.nn.Module  # student + loss terms, prepared (DDP-wrapped under several processes)
+    model: torch.nn.Module  # the student itself (not DDP-wrapped; under FSDP its layers are sharded)
+    objective: torch.nn.Module  # student + loss terms: DDP-wrapped under several processes, or the FSDP root
     optimizer: Any
     scheduler: Any
     per_step: int  # micro-batches per optimizer step, all processes together
@@ -186,7 +192,7 @@ class Run:
     start_step: int = 0
     prior_seconds: float = 0.0  # training time before the resumed checkpoint
     resume_from: Path | None = None
-    reported: set[int] = field(default_factory=set)  # late rejects already reported
+    fsdp: bool = False
 
 
 def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
@@ -198,9 +204,13 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any] | None:
     last, train_seconds = train_loop(run)
     acc.wait_for_everyone()
     final = Path(cfg.out) / ckpt.FINAL
+    full = sharding.full_model_state(run.model) if run.fsdp else None  # collective
     if acc.is_main_process:
-        final = ckpt.save_final(run.model, run.processor, cfg.out, ckpt.saved_dtype(cfg.student))
+        model = sharding.unsharded_copy(cfg.student, full) if run.fsdp else run.model
+        final = ckpt.save_final(model, run.parts, cfg.out, ckpt.saved_dtype(cfg.student))
+        plot_log(cfg.out)
     acc.wait_for_everyone()
+    acc.end_training()  # closes the tracker run
     return _summary(run, final, last, train_seconds, time.time() - wall_start) if acc.is_main_process else None
 
 
@@ -223,6 +233,7 @@ def load_student(cfg: DistillConfig, acc: Accelerator, resume_from: Path | None)
 
 def setup_run(cfg: DistillConfig) -> Run:
     """Validate everything, load examples + student, build the optimizer; write nothing until all passed."""
+    fsdp = sharding.launch_sharding()
     loss_cfg = cfg.loss
     weights = loss_cfg.weights()
     ckpt.check_output_dir(cfg.out, cfg.resume, cfg.overwrite)
@@ -231,39 +242,49 @@ def setup_run(cfg: DistillConfig) -> Run:
     teacher = reader.manifest if reader is not None else None
     layers = probe_layers(loss_cfg, student_fp["num_hidden_layers"], teacher and teacher.settings.iva_layer,
                           teacher and teacher.teacher_fingerprint.get("num_hidden_layers"))
-    processor = load_processor(cfg.student)
-    examples, rejects = load_examples(cfg, reader, processor)
+    parts = load_parts(cfg.student)
+    examples, rejects = load_examples(cfg, reader, parts)
     if not examples:
         raise AlignTIError(f"no usable samples ({len(rejects)} rejected)")
     if weights["iva"] > 0:
-        check_iva_compatible(examples, student_fp["n_vision_tokens"])
+        check_iva_compatible(examples)
     acc = make_accelerator(cfg, find_unused=examples.has_text_only)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     per_step = cfg.grad_accum * acc.num_processes
     resume_from = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
-    state = ckpt.check_resume(cfg, resume_from, per_step, student_fp["weights"]) if resume_from else {}
+    state = (ckpt.check_resume(cfg, resume_from, per_step, student_fp["weights"], fsdp is not None)
+             if resume_from else {})
     model, trainable = load_student(cfg, acc, resume_from)
 
     steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / per_step)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    objective = Objective(model, loss_cfg, *layers, autocast=autocast_dtype(cfg, acc.device))
+    if fsdp is not None:  # sharded before the optimizer exists: its parameters become DTensors
+        sharding.shard(objective, model, fsdp, unused_parameters=examples.has_text_only)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio))
-    objective = Objective(model, loss_cfg, *layers, autocast=autocast_dtype(cfg, acc.device))
-    objective, optimizer = acc.prepare(objective, optimizer)
-    run = Run(cfg, acc, loss_cfg, weights, student_fp, processor, examples, rejects, model, objective, optimizer,
+    if fsdp is None:
+        objective, optimizer = acc.prepare(objective, optimizer)
+    run = Run(cfg, acc, loss_cfg, weights, student_fp, parts, examples, rejects, model, objective, optimizer,
               scheduler, per_step, steps_per_epoch, total_steps, int(state.get("step", 0)),
-              float(state.get("train_seconds", 0.0)), resume_from)
+              float(state.get("train_seconds", 0.0)), resume_from, fsdp is not None)
     if resume_from:
-        ckpt.load_optimizer_state(resume_from, optimizer, scheduler)
+        load = (functools.partial(sharding.load_full_optimizer_state, objective, optimizer) if run.fsdp
+                else optimizer.load_state_dict)
+        ckpt.load_optimizer_state(resume_from, load, scheduler)
         if not ckpt.load_rank_rng(resume_from, acc.process_index):
             print(f"distill: process {acc.process_index}: no RNG state in {resume_from} (written by "
                   f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
     if acc.is_main_process:
         if not resume_from:
-            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp})
+            ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp,
+                                                           "run_id": trackers.new_run_id()})
+        write_run_file(cfg, Path(cfg.out) / ckpt.RUN_FILE, "distill", note="the *_weight values are --recipe's, "
+                       "resolved: delete them to take another recipe's")
         ckpt.truncate_log(cfg.out, run.start_step)
+        trackers.start(acc, cfg.report_to, cfg.out, options(cfg), run.start_step)
         print(_intro(run, trainable), flush=True)
     acc.wait_for_everyone()
     return run
@@ -273,67 +294,50 @@ def train_loop(run: Run) -> tuple[dict[str, Any], float]:
     """The optimizer steps from run.start_step to run.total_steps; (last step's record, train seconds)."""
     cfg, acc = run.cfg, run.acc
     main = acc.is_main_process
-    lengths = run.examples.lengths
-    pad_id, image_token_id = run.processor.tokenizer.pad_token_id, run.model.config.image_token_id
     vocab = run.model.get_input_embeddings().num_embeddings
+    builder = window_builder(run.examples, run.parts.tokenizer.pad_token_id, run.model.config.image_token_id,
+                             run.loss_cfg, vocab)
+    plan = step_plan(run.examples.lengths, cfg, run.per_step, run.steps_per_epoch,
+                     range(run.start_step, run.total_steps), acc.process_index, acc.num_processes, even=run.fsdp)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    plan, plan_epoch, last, warned = [], -1, {}, False
+    last, warned = {}, False
     bar = progress_bar(total=run.total_steps, initial=run.start_step, desc="distill", unit="step",
                        disable=not (main and cfg.progress))
     log = open(Path(cfg.out) / ckpt.LOG, "a", encoding="utf-8") if main else None
-    loop_start = time.time()
-    for step in range(run.start_step, run.total_steps):
-        epoch, in_epoch = divmod(step, run.steps_per_epoch)
-        if epoch != plan_epoch:
-            plan = split_steps(epoch_micro_batches(lengths, cfg.batch_size, cfg.seed, epoch), run.per_step)
-            plan_epoch = epoch
-        t0 = time.time()
-        share = usable(run, rank_share(plan[in_epoch], acc.process_index, acc.num_processes))
-        batches = [build_distill_batch(ex, pad_id, image_token_id, run.loss_cfg, acc.device, torch.float32,
-                                       vocab_size=vocab) for ex, _ in share]
+    loop_start = t0 = time.time()  # t0: the step's start, waiting for its micro-batches included
+    for step, share in step_batches(builder, plan, acc.device, loader_workers(cfg.num_workers, acc.device), cfg.seed):
+        epoch = step // run.steps_per_epoch
+        batches = [b for b, _ in share]
         warned = warned or warn_padded_mass(batches, vocab, run.weights)
         lr = run.optimizer.param_groups[0]["lr"]
-        shares = optimizer_step(acc, run.objective, batches, [on for _, on in share], run.weights)
+        shares = optimizer_step(acc, run.objective, batches, [on for _, on in share], run.weights, sync_each=run.fsdp)
         grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(b.num_tokens for b, (_, on) in zip(batches, share) if on)
+        tokens = sum(b.num_tokens for b, on in share if on)
         last = step_record(acc, shares, run.weights, tokens, {"step": step + 1, "epoch": epoch, "lr": lr})
         if not math.isfinite(last["loss"]):  # same value on every process: all stop together
             terms = {n: last[n] for n in TERMS if n in last}
             raise AlignTIError(f"step {step + 1}: the loss is {last['loss']} (terms {terms}); lower --lr, or "
                                f"resume from the last checkpoint")
         elapsed = run.prior_seconds + time.time() - loop_start
-        last.update(grad_norm=None if grad_norm is None else float(grad_norm),
+        last.update(grad_norm=None if grad_norm is None else float(sharding.as_local(grad_norm)),
                     tokens_per_second=last["tokens"] / max(time.time() - t0, 1e-9), elapsed=elapsed)
         if main:
             log.write(json.dumps(last) + "\n")
             log.flush()
+            trackers.log_step(acc, last)
             if (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps:
                 bar.set_postfix(_postfix(last), refresh=False)
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total_steps:
             save_checkpoint(run, step + 1, elapsed)
+        t0 = time.time()
     bar.close()
     if log is not None:
         log.close()
     return last, run.prior_seconds + time.time() - loop_start
-
-
-def usable(run: Run, share: list[tuple[list[int], bool]]) -> list[tuple[list, bool]]:
-    """This process's micro-batches of a step as examples. A sample that cannot be built (its image is
-    corrupt, or changed since extraction: found when first used) is left out and reported once; a
-    micro-batch left empty runs a zero-weighted stand-in (live=False), so every process joins the step."""
-    out = []
-    for idx, on in share:
-        examples = run.examples.get_many(idx)
-        out.append((examples, on) if examples else ([run.examples.first_usable()], False))
-    for i in sorted(set(run.examples.late_rejects) - run.reported):
-        r = run.examples.late_rejects[i]
-        tqdm.write(f"distill: skipping source {r.source_id!r} ({r.reason}: {r.detail})")
-        run.reported.add(i)
-    return out
 
 
 def warn_padded_mass(batches: list, vocab_size: int, weights: dict[str, float]) -> bool:
@@ -351,9 +355,17 @@ def save_checkpoint(run: Run, step: int, train_seconds: float) -> None:
     """Checkpoint after `step` (collective: every process must call it)."""
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch, "micro_batches_per_step": run.per_step,
-             "processes": run.acc.num_processes, "config": options(run.cfg),
+             "processes": run.acc.num_processes, "fsdp": run.fsdp, "config": options(run.cfg),
              "student_weights": run.student_fp["weights"], "train_seconds": train_seconds}
-    ckpt.save_checkpoint(run.acc, run.cfg.out, run.model, run.optimizer, run.scheduler, state,
+    if run.fsdp:  # gathered by every process, held by the main one
+        trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+        weights = {n: t for n, t in sharding.full_model_state(run.model).items() if n in trainable}
+        optimizer_state = sharding.full_optimizer_state(run.objective, run.optimizer)
+    elif run.acc.is_main_process:
+        weights, optimizer_state = ckpt.trainable_state(run.model), run.optimizer.state_dict()
+    else:
+        weights, optimizer_state = {}, {}
+    ckpt.save_checkpoint(run.acc, run.cfg.out, weights, optimizer_state, run.scheduler, state,
                          run.cfg.keep_checkpoints)
 
 

@@ -1,9 +1,10 @@
 """Batched greedy answers to benchmark questions, written to a resumable answers JSONL.
 
 A question becomes one user turn (`<image>\\n` + its prompt for image questions) rendered with the
-model's chat template by `SampleEncoder.render(..., add_generation_prompt=True)`, the rendering
-training uses, and tokenised by the model's processor (which expands the image token to the
-vision tokens) without extra special tokens, again as training does. Decoding is plain greedy
+model's chat template up to the assistant's first token, tokenised and its image token expanded
+to the image's vision tokens by `SampleEncoder.encode_prompt`, the tokenisation path training
+uses, then left-padded by `collate` and turned into `generate`'s inputs by the model's family
+(Qwen-VL adds the image-token types its M-RoPE needs). Decoding is plain greedy
 from a fresh `GenerationConfig`: a model's own generation_config.json (temperature, top-p,
 repetition penalty of chat models) would otherwise change the argmax path. It stops at the
 tokenizer's eos and the template's end-of-turn token.
@@ -22,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
+from transformers import GenerationConfig, PreTrainedModel
 
+from alignti.data.batching import collate
 from alignti.data.corpus import IMAGE_PLACEHOLDER
 from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.eval.formats import EvalQuestion, open_image
+from alignti.models.family import ModelParts, family_of
 from alignti.progress import progress_bar
 
 # Every public benchmark's prompt asks for a word, a phrase or a letter, and greedy decoding stops
@@ -45,7 +47,7 @@ class Generator:
     """A loaded model with everything a batch of questions needs."""
 
     model: PreTrainedModel
-    processor: ProcessorMixin
+    parts: ModelParts
     encoder: SampleEncoder
     stop_ids: tuple[int, ...]
     pad_id: int
@@ -73,14 +75,12 @@ def stop_token_ids(encoder: SampleEncoder, model: PreTrainedModel) -> tuple[int,
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def make_generator(model: PreTrainedModel, processor: ProcessorMixin, max_new_tokens: int) -> Generator:
-    """Set up left-padded greedy generation for `model` with its `processor`."""
-    encoder = SampleEncoder(processor, image_root=None)
-    tok = processor.tokenizer
-    tok.padding_side = "left"  # generation appends on the right: prompts must end at the same column
+def make_generator(model: PreTrainedModel, parts: ModelParts, max_new_tokens: int) -> Generator:
+    """Set up left-padded greedy generation for `model` with its parts."""
+    encoder = SampleEncoder(parts, image_root=None)
     stop = stop_token_ids(encoder, model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    return Generator(model, processor, encoder, stop, pad_id, max_new_tokens)
+    pad_id = parts.tokenizer.pad_token_id if parts.tokenizer.pad_token_id is not None else stop[0]
+    return Generator(model, parts, encoder, stop, pad_id, max_new_tokens)
 
 
 def default_max_new_tokens(benchmark: str, questions: Sequence[EvalQuestion], tokenizer) -> int:
@@ -104,26 +104,24 @@ def has_image(question: EvalQuestion) -> bool:
     return question.image is not None or bool(question.image_b64)
 
 
-def chat_prompt(encoder: SampleEncoder, question: EvalQuestion) -> str:
-    """The question as one user turn, rendered up to the assistant's first token."""
-    text = f"{IMAGE_PLACEHOLDER}\n{question.prompt}" if has_image(question) else question.prompt
-    return encoder.render((("user", text),), add_generation_prompt=True)
+def user_turn(question: EvalQuestion) -> str:
+    """The question's user turn: `<image>` + newline + its prompt for image questions."""
+    return f"{IMAGE_PLACEHOLDER}\n{question.prompt}" if has_image(question) else question.prompt
 
 
 def generate_batch(gen: Generator, questions: Sequence[EvalQuestion], image_root: str | Path | None) -> list[str]:
     """Greedy answers, stripped, one per question (inputs left-padded to [B, T])."""
-    prompts = [chat_prompt(gen.encoder, q) for q in questions]
-    images: list[Image.Image] = [open_image(q, image_root) for q in questions if has_image(q)]
-    inputs = gen.processor(text=prompts, images=images or None, padding=True, return_tensors="pt",
-                           add_special_tokens=False)  # the template already holds any BOS, as in training
-    device, dtype = gen.model.device, gen.model.dtype
-    inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+    samples = [gen.encoder.encode_prompt(str(q.question_id), user_turn(q), open_image(q, image_root) if has_image(q)
+                                         else None) for q in questions]
+    # generation appends on the right: prompts must end at the same column
+    batch = collate(samples, gen.pad_id, padding_side="left").to(gen.model.device, gen.model.dtype)
+    inputs = family_of(gen.model.config).generation_inputs(gen.model, batch)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=gen.max_new_tokens,
                               eos_token_id=list(gen.stop_ids), pad_token_id=gen.pad_id)
     with torch.inference_mode():
         out = gen.model.generate(**inputs, generation_config=config)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]  # [B, <= max_new_tokens], eos/pad after the answer
-    texts = gen.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    texts = gen.parts.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 

@@ -12,14 +12,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
 from alignti.eval.generate import answer_questions, default_max_new_tokens, has_image, make_generator
 from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
-from alignti.models.loading import DTYPES, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.family import load_parts
+from alignti.models.loading import DTYPES, load_model, resolve_device, resolve_dtype
 from alignti.storage.files import write_json_atomic
+
+RUN_FILE = "eval.yaml"  # OUT/eval.yaml: this run's options, as `alignti eval --config` reads them
 
 
 @dataclass(frozen=True)
@@ -128,16 +132,18 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
         raise AlignTIError(f"{cfg.benchmark} questions have images: pass --image-root")
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
-    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cap = cfg.max_new_tokens or default_max_new_tokens(cfg.benchmark, questions, processor.tokenizer)
-    gen = make_generator(model, processor, cap)
+    parts = load_parts(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    cap = cfg.max_new_tokens or default_max_new_tokens(cfg.benchmark, questions, parts.tokenizer)
+    gen = make_generator(model, parts, cap)
     return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer (if --model), score and write OUT/scores.json; or build the --report table."""
     if cfg.report:
-        return build_report(cfg.dirs, cfg.out)
+        report = build_report(cfg.dirs, cfg.out)
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
+        return report
     start = time.time()
     questions = load_questions(cfg.benchmark, cfg.questions, cfg.annotations, cfg.image_root)
     questions = questions[:cfg.limit] if cfg.limit else questions
@@ -146,6 +152,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         # MMBench's test TSV has no answers: the answers file is the product (for its server).
         print(f"answers written to {cfg.answers_path}; this {cfg.benchmark} file has no ground truth, "
               "so nothing is scored (MMBench test: submit the answers to its evaluation server)")
+        write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
         return {"benchmark": cfg.benchmark, "scored": False, "answers_file": str(cfg.answers_path.resolve()),
                 "n_questions": len(questions), "generated": generated}
     answers = load_answers(cfg.answers_path)
@@ -160,5 +167,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     })
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "scores.json", result, indent=2, ensure_ascii=False)
+    write_run_file(cfg, Path(cfg.out) / RUN_FILE, "eval")
     print(scores_table(result))
     return result

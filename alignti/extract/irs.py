@@ -1,12 +1,15 @@
 """`alignti irs`: score every LM layer of the teacher for instruction-aware visual focus.
 
 Runs the probe on all LM layers over a calibration sample of the corpus, computes
-IRS(l) (irs_score.py), picks l* = argmax, and writes `irs.json` plus a small bar chart.
+IRS(l) (irs_score.py), picks l* = argmax, and writes `irs.json` plus a small bar chart. Samples
+are compared only with samples of the same vision-token grid (dynamic-resolution models give
+images of different sizes different grids; docs/method.md).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +21,12 @@ from transformers import PreTrainedModel
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
+from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
-from alignti.extract.irs_score import choose_layer, irs_scores
+from alignti.extract.irs_score import choose_layer, irs_scores_by_grid
+from alignti.models.family import decoder_hidden, load_parts
 from alignti.models.probe import probe_attention, probe_targets
-from alignti.models.loading import load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.loading import load_model, resolve_device, resolve_dtype
 from alignti.progress import progress_bar
 
 
@@ -32,12 +37,17 @@ class IrsConfig:
     teacher: str = field(metadata={"help": "teacher model directory"})
     data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
     image_root: str = field(metadata={"help": "directory image paths are relative to"})
-    out: str = field(default="irs.json", metadata={"help": "output JSON (a .png plot is written beside it)"})
+    out: str = field(default="irs.json", metadata={
+        "help": "output JSON (a .png plot and the run's options as .yaml are written beside it)"})
     samples: int = field(default=256, metadata={"help": "calibration samples (with images)"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+
+    def __post_init__(self) -> None:
+        if Path(self.out).suffix in (".png", ".yaml"):
+            raise AlignTIError(f"--out {self.out!r}: the .png and .yaml files are written beside it; name it .json")
 
 
 def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[EncodedSample]:
@@ -53,28 +63,33 @@ def calibration_samples(encoder: SampleEncoder, data: str, n: int) -> list[Encod
     return out
 
 
+def check_calibration(samples: list[EncodedSample], hint: str) -> None:
+    """AlignTIError (the corpus's fault, said before the model loads) unless two calibration samples
+    share a vision-token grid: IRS compares only such pairs."""
+    counts = Counter(s.images.grids[0] for s in samples)
+    if not counts or max(counts.values()) < 2:
+        raise AlignTIError(f"IRS needs >= 2 usable samples with images of the same vision-token grid, found "
+                           f"{len(samples)} samples over {len(counts)} grid(s); {hint}")
+
+
 @torch.inference_mode()
 def compute_irs(model: PreTrainedModel, samples: Iterable[EncodedSample], pad_id: int,
                 batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """IRS score of every LM layer -> fp64 [L]. Samples must have images with equal n_v."""
+    """IRS score of every LM layer -> fp64 [L], over the pairs of samples (with images) that share a
+    vision-token grid; ValueError without two such samples."""
     samples = list(samples)
-    if len(samples) < 2:
-        raise ValueError("IRS needs at least 2 calibration samples with images")
-    n_v = {s.n_v for s in samples}
-    if len(n_v) != 1:
-        raise ValueError(f"IRS needs one vision-token count, got {sorted(n_v)}")
     layers = list(range(model.config.get_text_config().num_hidden_layers))
-    alphas = []
+    by_grid: dict[tuple, list[torch.Tensor]] = {}
     batches = list(length_grouped(samples, batch_size))
     for group in progress_bar(batches, desc="irs", unit="batch", disable=not progress):
         batch = collate(group, pad_id).to(model.device, model.dtype)
-        queries, keys = probe_targets(batch.samples, group[0].n_v)
+        queries, keys = probe_targets(batch.samples)
         with probe_attention(model, layers, queries, keys) as probe:
-            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        pixel_values=batch.pixel_values, use_cache=False)
-        res = probe.result(normalize=True)
-        alphas.append(torch.stack([res[layer] for layer in layers], dim=1).cpu())  # [B, L, n_v]
-    return irs_scores(torch.cat(alphas))
+            decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.images, use_cache=False)
+        res = torch.stack([probe.result(normalize=True)[layer] for layer in layers], dim=1).cpu()  # [B, L, max n_v]
+        for s, alpha in zip(group, res):
+            by_grid.setdefault(s.images.grids[0], []).append(alpha[:, : s.n_v])  # [L, n_v]
+    return irs_scores_by_grid([torch.stack(g) for g in by_grid.values()])
 
 
 def plot_irs(scores: list[float], chosen: int, path: Path) -> None:
@@ -96,18 +111,18 @@ def plot_irs(scores: list[float], chosen: int, path: Path) -> None:
 def run_irs(cfg: IrsConfig) -> dict:
     """Score the layers, write irs.json and irs.png, return the result."""
     device = resolve_device(cfg.device)
-    processor = load_processor(cfg.teacher)
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    parts = load_parts(cfg.teacher)
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     samples = calibration_samples(encoder, cfg.data, cfg.samples)
-    if len(samples) < 2:  # the corpus's fault: said before the model is loaded
-        raise AlignTIError(f"irs needs >= 2 usable samples with images in {cfg.data}, found {len(samples)}")
+    check_calibration(samples, f"corpus {cfg.data}")
     model = load_model(cfg.teacher, device, resolve_dtype(cfg.dtype, device))
-    scores = compute_irs(model, samples, processor.tokenizer.pad_token_id, cfg.batch_size, progress=True)
+    scores = compute_irs(model, samples, parts.tokenizer.pad_token_id, cfg.batch_size, progress=True)
     chosen = choose_layer(scores)
     result = {"scores": scores.tolist(), "layer": chosen, "num_samples": len(samples)}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot_irs(result["scores"], chosen, out.with_suffix(".png"))
+    write_run_file(cfg, out.with_suffix(".yaml"), "irs")
     return result
 

@@ -18,19 +18,21 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from alignti.data.batching import collate, length_grouped
+from alignti.cliargs import write_run_file
+from alignti.data.batching import Batch, collate, length_grouped
 from alignti.data.corpus import Reject, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.errors import AlignTIError
-from alignti.extract.irs import calibration_samples, compute_irs
+from alignti.extract.irs import calibration_samples, check_calibration, compute_irs
 from alignti.extract.irs_score import choose_layer
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.vllm_backend import VllmEngine, VllmTeacher, check_vllm_settings  # vllm itself: lazy
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.loading import load_config, load_model, load_processor, resolve_device, resolve_dtype
+from alignti.models.family import ModelParts, load_parts
+from alignti.models.loading import load_config, load_model, resolve_device, resolve_dtype
 from alignti.progress import progress_bar
 from alignti.storage.lifecycle import load_existing, local_root
-from alignti.storage.schema import CacheManifest, CacheSettings
+from alignti.storage.schema import RUN_YAML, CacheManifest, CacheSettings
 from alignti.storage.writer import CacheWriter, resolve_worker
 
 
@@ -70,6 +72,10 @@ class ExtractConfig:
                 "--tpa-proposal top only; untested in CI)", "choices": ("hf", "vllm")})
     vllm_gpu_memory: float = field(default=0.6, metadata={
         "help": "vLLM's share of GPU memory; the cut HF teacher for saliency uses the rest"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "plan only: read the corpus, count rejects, time a few teacher batches, estimate the cache's bytes "
+                "and the wall time at --worker's worker count; writes nothing under --out"})
+    dry_run_batches: int = field(default=3, metadata={"help": "teacher batches --dry-run times (after one warm-up)"})
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -80,8 +86,8 @@ class ExtractConfig:
             raise AlignTIError("--tpa-proposal top needs --tpa-d <= --top-k - 2")
         if self.iva_layer not in ("auto", "none") and not self.iva_layer.lstrip("-").isdigit():
             raise AlignTIError(f"--iva-layer must be auto, none or an integer, got {self.iva_layer!r}")
-        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8:
-            raise AlignTIError("--batch-size and --part-size must be >= 1, --max-length >= 8")
+        if self.batch_size < 1 or self.part_size < 1 or self.max_length < 8 or self.dry_run_batches < 1:
+            raise AlignTIError("--batch-size, --part-size and --dry-run-batches must be >= 1, --max-length >= 8")
         parse_worker(self.worker)
         if self.backend == "vllm":
             check_vllm_settings(self.tpa_d, self.tpa_proposal)
@@ -117,8 +123,7 @@ def resolve_iva_layer(cfg: ExtractConfig, num_layers: int, irs_model: Callable[[
     if existing is not None and existing.settings.iva_layer is not None:
         return existing.settings.iva_layer, existing.settings.irs_scores
     samples = calibration_samples(encoder, cfg.data, cfg.irs_samples)
-    if len(samples) < 2:
-        raise AlignTIError("--iva-layer auto needs >= 2 usable samples with images; pass --iva-layer N or none")
+    check_calibration(samples, "--iva-layer auto: pass --iva-layer N or none")
     scores = compute_irs(irs_model(), samples, pad_id, cfg.batch_size, progress=True)
     return choose_layer(scores), scores.tolist()  # full precision: JSON floats round-trip
 
@@ -147,22 +152,38 @@ def worker_rows(data: str, worker: int, num_workers: int, limit: int | None) -> 
             yield row
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    """Run the teacher over the corpus and write the cache; returns the summary."""
-    start = time.time()
-    worker, num_workers = resolve_worker(*parse_worker(cfg.worker))
+@dataclass
+class Teacher:
+    """The loaded teacher and what extraction derives from it (`run_extract` and its dry run)."""
+
+    model: PreTrainedModel | None  # the HF teacher; None with --backend vllm (loaded by signal_backend)
+    parts: ModelParts
+    encoder: SampleEncoder
+    settings: CacheSettings
+    manifest: CacheManifest
+    device: str
+    dtype: torch.dtype
+    image_token_id: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.parts.tokenizer.pad_token_id
+
+
+def load_teacher(cfg: ExtractConfig) -> Teacher:
+    """Load the teacher and its parts, resolve the IVA layer (IRS), fix the cache settings."""
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     dtype = resolve_dtype(cfg.dtype, device)
     # The vLLM backend loads the full HF teacher only for IRS (then frees it).
     model = load_model(cfg.teacher, device, dtype) if cfg.backend == "hf" else None
-    processor = load_processor(cfg.teacher)
-    pad_id = processor.tokenizer.pad_token_id
-    encoder = SampleEncoder(processor, cfg.image_root, cfg.max_length)
+    parts = load_parts(cfg.teacher)
+    encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
     teacher_config = load_config(cfg.teacher)
     iva_layer, irs = resolve_iva_layer(cfg, teacher_config.get_text_config().num_hidden_layers,
-                                       lambda: model or load_model(cfg.teacher, device, dtype), encoder, pad_id)
+                                       lambda: model or load_model(cfg.teacher, device, dtype), encoder,
+                                       parts.tokenizer.pad_token_id)
     settings = CacheSettings(top_k=cfg.top_k, tpa_d=cfg.tpa_d, tpa_top_k=cfg.tpa_top_k, tpa_proposal=cfg.tpa_proposal,
                              tpa_max_positions=cfg.tpa_max_positions, iva_max_positions=cfg.iva_max_positions,
                              iva_top_k=cfg.iva_top_k, iva_layer=iva_layer, irs_scores=irs, seed=cfg.seed,
@@ -170,14 +191,34 @@ def run_extract(cfg: ExtractConfig) -> dict:
     manifest = CacheManifest.create(fingerprint_model_dir(cfg.teacher), settings, extra={
         "data": str(Path(cfg.data).resolve()), "image_root": str(Path(cfg.image_root).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()), "backend": cfg.backend})
-    writer = CacheWriter.open(cfg.out, manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
-                              overwrite=cfg.overwrite, part_size=cfg.part_size)
+    return Teacher(model, parts, encoder, settings, manifest, device, dtype, teacher_config.image_token_id)
+
+
+def signal_backend(cfg: ExtractConfig, t: Teacher) -> Callable[[Batch], list]:
+    """batch -> its samples' `SampleSignals`, from the transformers teacher or vLLM."""
     if cfg.backend == "vllm":
-        teacher = vllm_teacher(cfg, settings, device, dtype, teacher_config.image_token_id)
-    else:
-        teacher = HfTeacher(model, settings, pad_id, cfg.chunk_size)
+        return vllm_teacher(cfg, t.settings, t.device, t.dtype, t.image_token_id)
+    return HfTeacher(t.model, t.settings, t.pad_id, cfg.chunk_size)
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Run the teacher over the corpus and write the cache (or, with --dry-run, estimate it); returns
+    the summary."""
+    if cfg.dry_run:
+        from alignti.extract.dry_run import dry_run  # it imports this module
+
+        return dry_run(cfg)
+    start = time.time()
+    worker, num_workers = resolve_worker(*parse_worker(cfg.worker))
+    t = load_teacher(cfg)
+    encoder, pad_id, settings = t.encoder, t.pad_id, t.settings
+    writer = CacheWriter.open(cfg.out, t.manifest, worker=worker, num_workers=num_workers, resume=cfg.resume,
+                              overwrite=cfg.overwrite, part_size=cfg.part_size)
+    teacher = signal_backend(cfg, t)
     stats = {"written": 0, "skipped": 0, "tokens": 0, "teacher_seconds": 0.0, "rejects": Counter()}
     with writer:
+        write_run_file(cfg, local_root(cfg.out) / RUN_YAML, "extract", note="informative: not part of the cache; "
+                       "with several workers, the latest to start wrote it")
         committed, rejected = writer.committed_ids(), writer.rejected_source_ids()
 
         def samples() -> Iterator[EncodedSample]:
@@ -212,7 +253,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:.0f}", rejects=sum(stats["rejects"].values()))
         bar.close()
     stats["loop_seconds"] = time.time() - loop_start  # encode + teacher + writes, no model load or IRS
-    return _summary(cfg, stats, worker, num_workers, iva_layer, time.time() - start)
+    return _summary(cfg, stats, worker, num_workers, settings.iva_layer, time.time() - start)
 
 
 def _summary(cfg: ExtractConfig, stats: dict, worker: int, num_workers: int, iva_layer: int | None,

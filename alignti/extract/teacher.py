@@ -5,7 +5,9 @@ Two teacher passes per batch (docs/method.md):
    layer and a KV cache: response top-k rows, saliency, vision-position rows, TPA proposals;
 2. the candidate pass on top of that cache (the ribbon's teacher-side shortcut): each
    candidate's top-k_t row.
-The LM head is applied to the needed rows only, in chunks (`signals.py`).
+The LM head is applied to the needed rows only, in chunks (`signals.py`). Positions and the
+decoder / head come from the model's family adapter (`alignti.models.family`): the candidate
+pass numbers each candidate as the ground-truth token it stands in for (1-D, or M-RoPE triples).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from alignti.data.batching import Batch
 from alignti.data.encode import EncodedSample
+from alignti.models.family import decoder_hidden, family_of
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.models.ribbon import build_candidate_pass, gather_candidates
 from alignti.extract.signals import (
@@ -28,22 +31,23 @@ from alignti.extract.teacher_output import (
 from alignti.storage.schema import CacheSettings, SampleSignals
 
 
-def plain_pass(model: PreTrainedModel, batch: Batch, iva_layer: int | None,
-               cache: DynamicCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def plain_pass(model: PreTrainedModel, batch: Batch, iva_layer: int | None, cache: DynamicCache | None = None,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's forward over the (right-padded) ground truth, with the attention probe at
-    `iva_layer`: (final hidden [B, T, H], saliency [B, n_v] normalised per sample, or None).
+    `iva_layer`: (final hidden [B, T, H], saliency [B, max n_v] normalised per sample over its own
+    n_v vision tokens (zeros after them), or None). positions: the family's `plain_positions` of
+    the batch, computed here when None.
 
     Also the saliency source of the vLLM backend, where `model` is the teacher cut after
     `iva_layer` (its hidden states are then unused).
     """
-    n_v = max(s.n_v for s in batch.samples)
     probe_ctx = nullcontext(None)
-    if iva_layer is not None and n_v > 0:
-        queries, keys = probe_targets(batch.samples, n_v)
+    if iva_layer is not None and any(s.n_v for s in batch.samples):
+        queries, keys = probe_targets(batch.samples)
         probe_ctx = probe_attention(model, [iva_layer], queries, keys)
     with probe_ctx as probe:
-        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, cache=cache, use_cache=cache is not None)[0]
+        hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.images, positions,
+                                cache=cache, use_cache=cache is not None)
     return hidden, (probe.result(normalize=True)[iva_layer] if probe is not None else None)
 
 
@@ -60,17 +64,19 @@ class HfTeacher:
         self.settings = settings
         self.pad_id = pad_id
         self.chunk_size = chunk_size
-        self.lm_head = model.get_output_embeddings()
+        self.family = family_of(model.config)
+        self.lm_head = self.family.lm_head(model)
         self.image_token_id = model.config.image_token_id
 
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> list[SampleSignals]:
         batch = batch.to(self.model.device, self.model.dtype)
         cache = DynamicCache(config=self.model.config.get_text_config())
-        hidden, saliency = plain_pass(self.model, batch, self.settings.iva_layer, cache)
+        positions = self.family.plain_positions(self.model, batch.input_ids, batch.attention_mask, batch.images)
+        hidden, saliency = plain_pass(self.model, batch, self.settings.iva_layer, cache, positions)
         response = [self._response(s, hidden[b]) for b, s in enumerate(batch.samples)]
         proposals = [self._proposals(s, hidden[b], r) for b, (s, r) in enumerate(zip(batch.samples, response))]
-        tpa = self._candidate_rows(batch, response, proposals, cache)
+        tpa = self._candidate_rows(batch, response, proposals, cache, positions)
         iva = [self._iva(s, hidden[b], None if saliency is None else saliency[b]) for b, s in enumerate(batch.samples)]
         return [to_sample_signals(s, TeacherOutput(response=r, tpa=t, iva=v), self.settings)
                 for s, r, t, v in zip(batch.samples, response, tpa, iva)]
@@ -105,8 +111,9 @@ class HfTeacher:
                                               self.chunk_size))
 
     def _candidate_rows(self, batch: Batch, response: list[ResponseRows], proposals: list[TpaProposals | None],
-                        cache: DynamicCache) -> list[TpaRows | None]:
-        """Run every sample's candidates on top of the plain pass's cache: their top-k_t rows."""
+                        cache: DynamicCache, positions: torch.Tensor | None) -> list[TpaRows | None]:
+        """Run every sample's candidates on top of the plain pass's cache: their top-k_t rows.
+        positions: the plain pass's (`Family.plain_positions`)."""
         st, dev = self.settings, batch.input_ids.device
         if not any(p is not None and p.cand_ids.numel() for p in proposals):
             empty = torch.zeros(0, st.tpa_d, st.tpa_top_k, dtype=torch.long, device=dev)
@@ -117,7 +124,9 @@ class HfTeacher:
         cp = build_candidate_pass([s.input_ids for s in batch.samples], steps, cands,
                                   cache_length=batch.input_ids.shape[1], pad_id=self.pad_id, dtype=self.model.dtype,
                                   image_token_id=self.image_token_id, device=dev)
-        hidden = self.model.model(**cp.model_inputs(), cache=cache, use_cache=True)[0]  # [B, M, H]
+        lengths = torch.tensor([s.length for s in batch.samples], device=dev)
+        inputs = cp.model_inputs() | {"position_ids": self.family.ribbon_positions(positions, cp.position_ids, lengths)}
+        hidden = self.family.decoder(self.model)(**inputs, cache=cache, use_cache=True)[0]  # [B, M, H]
         rows = gather_candidates(cp, hidden)  # [N, d, H]
         n, d = rows.shape[:2]
         ids, lps = topk_logprobs(rows.reshape(n * d, -1), self.lm_head, st.tpa_top_k, self.chunk_size)

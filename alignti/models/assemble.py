@@ -10,9 +10,9 @@ Vision features follow LLaVA-1.5 for both towers: the penultimate layer
 (LLaVA-MoD / Bunny / LLaVA-OneVision) do. CLIP prepends a CLS token, so it uses strategy
 "default" (drop CLS, `num_additional_image_tokens=1`); SigLIP has none, so it uses "full".
 
-Random mode (`--random`) builds the tiny models of `alignti.models.tiny` with a tokenizer
-trained on a corpus or reused from another model directory (so a student shares a teacher's
-token ids exactly).
+Random mode (`--random`) builds a tiny model of `--family` (LLaVA, `alignti.models.llava`, or
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL, `alignti.models.qwen_vl_tiny`) with a tokenizer trained on a
+corpus or reused from another model directory (so a student shares a teacher's token ids exactly).
 
 The output is written into a temporary sibling directory and renamed into place when
 complete, so an interrupted run never leaves a half-written model at `--out`.
@@ -51,7 +51,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from alignti.errors import AlignTIError
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import families, get_family, save_model_dir
+from alignti.models.llava import LLAVA, TinySpec
+from alignti.models.qwen_vl_tiny import QwenVLSpec
 from alignti.models.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, ensure_image_token, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,16 @@ SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 
 _TINY = {f.name: f for f in fields(TinySpec)}
+_QWEN = {f.name: f for f in fields(QwenVLSpec)}
+# Options of one family only; the other sizes are shared (each family takes the fields it has).
+_ONLY = {"text_family": "llava", "image_size": "llava", "min_pixels": "qwen*", "max_pixels": "qwen*"}
 
 
 def _tiny_field(name: str) -> Any:
-    """An AssembleConfig field with TinySpec's default and help (used by --random only)."""
-    f = _TINY[name]
-    return field(default=f.default, metadata={"help": f"{f.metadata['help']} (--random)"})
+    """An AssembleConfig field with the tiny spec's default and help (used by --random only)."""
+    f = _TINY.get(name) or _QWEN[name]
+    only = f", {_ONLY[name]} only" if name in _ONLY else ""
+    return field(default=f.default, metadata={"help": f"{f.metadata['help']} (--random{only})"})
 
 
 def _one_line(e: Exception) -> str:
@@ -90,6 +96,9 @@ class AssembleConfig:
     vision: str | None = field(default=None, metadata={"help": "local SigLIP or CLIP (vision) model directory"})
     projector: str = field(default="mlp2x_gelu", metadata={"help": "projector type: mlp2x_gelu"})
     random: bool = field(default=False, metadata={"help": "build a tiny random model instead of --llm/--vision"})
+    family: str = field(default="llava", metadata={
+        "help": "model family of --random: llava (vision tower + projector + LM) or qwen2_vl | qwen2_5_vl | "
+                "qwen3_vl (dynamic resolution, M-RoPE); --llm/--vision build llava", "choices": tuple(families())})
     text_family: str = _tiny_field("text_family")
     hidden: int = _tiny_field("hidden")
     layers: int = _tiny_field("layers")
@@ -99,6 +108,8 @@ class AssembleConfig:
     vision_layers: int = _tiny_field("vision_layers")
     image_size: int = _tiny_field("image_size")
     patch: int = _tiny_field("patch")
+    min_pixels: int = _tiny_field("min_pixels")
+    max_pixels: int = _tiny_field("max_pixels")
     corpus: str | None = field(
         default=None, metadata={"help": "LLaVA JSON/JSONL corpus to train the tokenizer on (--random)"})
     tokenizer_from: str | None = field(
@@ -141,13 +152,15 @@ def _check_config(cfg: AssembleConfig) -> Path:
         if cfg.tokenizer_from is not None and not Path(cfg.tokenizer_from).is_dir():
             raise AlignTIError(f"--tokenizer-from directory {cfg.tokenizer_from!r} does not exist")
         sizes = (cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads, cfg.vision_hidden, cfg.vision_layers,
-                 cfg.image_size, cfg.patch)
+                 cfg.image_size, cfg.patch, cfg.min_pixels, cfg.max_pixels)
         if min(sizes) < 1:
             raise AlignTIError("model sizes (--hidden, --layers, --heads, ...) must be positive integers")
         if cfg.corpus is not None and cfg.vocab_size < 300:
             raise AlignTIError("--vocab-size must be at least 300 (256 byte symbols + special tokens + merges)")
         _spec(cfg)  # validates the sizes before anything is written
     else:
+        if cfg.family != "llava":
+            raise AlignTIError(f"--llm/--vision assemble LLaVA models; --family {cfg.family} needs --random")
         if not cfg.llm or not cfg.vision:
             raise AlignTIError("assemble needs --llm DIR and --vision DIR (or --random)")
         if cfg.corpus is not None or cfg.tokenizer_from is not None:
@@ -167,12 +180,10 @@ def _check_config(cfg: AssembleConfig) -> Path:
     return out
 
 
-def _spec(cfg: AssembleConfig) -> TinySpec:
-    return TinySpec(
-        text_family=cfg.text_family, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
-        vision_hidden=cfg.vision_hidden, vision_layers=cfg.vision_layers, image_size=cfg.image_size,
-        patch=cfg.patch, seed=cfg.seed,
-    )
+def _spec(cfg: AssembleConfig) -> Any:
+    """The family's tiny spec from the size options (validated there)."""
+    sizes = {name: getattr(cfg, name) for name in (*_TINY, *_QWEN) if hasattr(cfg, name) and name != "family"}
+    return get_family(cfg.family).random_spec(sizes)
 
 
 # ---------------------------------------------------------------- random mode
@@ -215,8 +226,8 @@ def _build_random(cfg: AssembleConfig, tmp: Path) -> None:
         tokenizer = train_tokenizer(corpus_texts(cfg.corpus) + ["system", "user", "assistant"], cfg.vocab_size)
     else:
         tokenizer = _load_tokenizer(cfg.tokenizer_from)
-    model, processor = build_tiny_llava(_spec(cfg), tokenizer)
-    save_model_dir(model, processor, tmp)
+    model, parts = get_family(cfg.family).build_random(_spec(cfg), tokenizer)
+    save_model_dir(model, parts, tmp)
 
 
 def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -259,7 +270,7 @@ def _build_pretrained(cfg: AssembleConfig, tmp: Path) -> None:
     )
     n_v = (size[0] // tower.config.patch_size) * (size[1] // tower.config.patch_size)
     model = _join(lm, tower, processor.image_token_id, strategy, n_v, cfg.seed)
-    save_model_dir(model, processor, tmp)
+    save_model_dir(model, LLAVA.parts_of(processor), tmp)
 
 
 def _lm_config(path: str) -> PretrainedConfig:

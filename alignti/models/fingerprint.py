@@ -18,6 +18,11 @@ process restarts, and each must change only with its own part:
   tokenizer's); None when there is none.
 - `processor`: the image processor's settings plus the LLaVA processor's patch size, feature
   strategy, extra-token count and image token.
+- `vision_grid`: the settings that decide each image's vision-token count, as the model's family
+  states them (LLaVA: the processed image size, patch size, feature strategy, extra tokens;
+  Qwen-VL: patch, merge, temporal patch, min_pixels, max_pixels); equal for teacher and student
+  means every image gets the same n_v. `n_vision_tokens` is that count for fixed-grid families
+  only; dynamic-resolution ones (Qwen-VL) have none: their n_v is per image, in the cache per sample.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from alignti.errors import AlignTIError
+from alignti.models.family import family_of, saved_chat_template
 
 FINGERPRINT_VERSION = 1
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype"})
@@ -76,8 +81,8 @@ def fingerprint_model_dir(path: str | Path) -> dict:
 
     Returns {"version", "config", "weights", "tokenizer", "chat_template", "processor"
     (sha256 hex, or None where the part is absent), "vocab_size" (embedding rows),
-    "tokenizer_size" (len(tokenizer), None without a tokenizer), "num_hidden_layers" (LM layers), "n_vision_tokens"
-    (per image, None without an image processor)}.
+    "tokenizer_size" (len(tokenizer), None without a tokenizer), "num_hidden_layers" (LM layers), and with an
+    image processor "vision_grid" (sha256) plus, for fixed-grid families, "n_vision_tokens" (per image)}.
     """
     root = Path(path)
     if not (root / "config.json").is_file():
@@ -86,18 +91,21 @@ def fingerprint_model_dir(path: str | Path) -> dict:
     text_config = config.get("text_config") or config
     weights, shapes = hash_weights(root)
     tokenizer = _load_tokenizer(root)
-    processor_hash, n_v = _processor(root)
+    rule, n_v = family_of(config).vision_rule(root)
+    vision = {} if rule is None else {"vision_grid": _sha(canonical_json(rule))}
+    if n_v is not None:
+        vision["n_vision_tokens"] = n_v
     return {
         "version": FINGERPRINT_VERSION,
         "config": _sha(canonical_json(_drop_keys(config, VOLATILE_CONFIG_KEYS))),
         "weights": weights,
         "tokenizer": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "chat_template": _chat_template_hash(root, tokenizer),
-        "processor": processor_hash,
+        "processor": _processor_hash(root),
         "vocab_size": _embedding_rows(shapes, text_config),
         "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
         "num_hidden_layers": text_config.get("num_hidden_layers"),
-        "n_vision_tokens": n_v,
+        **vision,
     }
 
 
@@ -216,19 +224,8 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return _sha(canonical_json({"backend": definition, "special": special}))
 
 
-def _file_chat_template(root: Path) -> Any:
-    """The processor-level template as transformers stores it (jinja file, json, or inline)."""
-    if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text(encoding="utf-8")
-    if (root / "chat_template.json").is_file():
-        return _read_json(root / "chat_template.json").get("chat_template")
-    if (root / "processor_config.json").is_file():
-        return _read_json(root / "processor_config.json").get("chat_template")
-    return None
-
-
 def _chat_template_hash(root: Path, tokenizer: PreTrainedTokenizerBase | None) -> str | None:
-    template = _file_chat_template(root) or getattr(tokenizer, "chat_template", None)
+    template = saved_chat_template(root) or getattr(tokenizer, "chat_template", None)
     extra_dir = root / "additional_chat_templates"
     if extra_dir.is_dir():  # named templates saved beside the default one
         named = {p.stem: p.read_text(encoding="utf-8") for p in sorted(extra_dir.glob("*.jinja"))}
@@ -238,24 +235,11 @@ def _chat_template_hash(root: Path, tokenizer: PreTrainedTokenizerBase | None) -
     return _sha(template.encode("utf-8") if isinstance(template, str) else canonical_json(template))
 
 
-def _processor(root: Path) -> tuple[str | None, int | None]:
-    """(hash of the processor settings, vision tokens per image), (None, None) for text-only dirs."""
+def _processor_hash(root: Path) -> str | None:
+    """Hash of the processor settings, None for text-only dirs."""
     proc = _read_json(root / "processor_config.json") if (root / "processor_config.json").is_file() else {}
     legacy = root / "preprocessor_config.json"
     image_cfg = proc.get("image_processor") or (_read_json(legacy) if legacy.is_file() else None)
     if image_cfg is None:
-        return None, None
-    settings = {"image_processor": image_cfg, **{k: proc.get(k) for k in PROCESSOR_KEYS}}
-    digest = _sha(canonical_json(settings))
-    patch = proc.get("patch_size")
-    if not patch:
-        return digest, None
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(root, backend="pil")
-    except (OSError, ValueError) as e:
-        raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {_one_line(e)}") from None
-    pixels = image_processor(Image.new("RGB", (61, 37)), return_tensors="pt")["pixel_values"]
-    h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-    # As LlavaProcessor expands `<image>`: grid + extra tokens (CLS), minus CLS under "default".
-    n_v = (h // patch) * (w // patch) + int(proc.get("num_additional_image_tokens") or 0)
-    return digest, n_v - 1 if proc.get("vision_feature_select_strategy") == "default" else n_v
+        return None
+    return _sha(canonical_json({"image_processor": image_cfg, **{k: proc.get(k) for k in PROCESSOR_KEYS}}))

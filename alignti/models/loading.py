@@ -1,7 +1,8 @@
-"""Load a LLaVA-style model and its processor from a local directory, the same way everywhere.
+"""Load a vision-language model from a local directory, the same way everywhere.
 
-Extraction, distillation and evaluation all go through these two functions so teacher and
-student see identical pixels (PIL image backend) and identical tokenisation.
+Extraction, distillation and evaluation all load models here and their tokenisation and image
+parts with `alignti.models.family.load_parts`, so teacher and student see identical pixels (PIL
+image backend) and identical tokenisation.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from alignti.errors import AlignTIError
 
@@ -44,12 +43,6 @@ def _check_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
-    """The model's processor with the PIL image backend."""
-    p = _check_dir(path, "model")
-    return AutoProcessor.from_pretrained(p, backend="pil", trust_remote_code=trust_remote_code)
-
-
 def load_model(
     path: str | Path,
     device: str = "cpu",
@@ -58,7 +51,7 @@ def load_model(
     trust_remote_code: bool = False,
     text_layers: int | None = None,
 ) -> PreTrainedModel:
-    """The LLaVA-style model in eval mode on `device`.
+    """The model in eval mode on `device`.
 
     `text_layers` keeps only the first N decoder layers of the LM (weights of the others are
     never loaded): the vLLM backend's saliency model needs the layers up to the IVA layer only.

@@ -40,12 +40,14 @@ class _Request:
     """One active probe request, shared by the probed layers of one model.
 
     `q_index` [B, Qmax] / `q_valid` [B, Qmax]: query rows per sample, right-padded with 0 / False.
-    `k_index` [B, K]: key columns per sample (every sample has the same count).
+    `k_index` [B, K] / `k_valid` [B, K]: key columns per sample, right-padded the same way (samples
+    of dynamic-resolution models have different vision-token counts).
     """
 
     q_index: torch.Tensor
     q_valid: torch.Tensor
     k_index: torch.Tensor
+    k_valid: torch.Tensor
     max_q: int
     max_k: int
     keep_graph: bool
@@ -88,7 +90,7 @@ def _probe_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
     if req.max_q >= q_len or req.max_k >= kv_len:
         raise ValueError(f"probe indices out of range: query < {q_len} and key < {kv_len} required")
     device = query.device
-    q_index, q_valid, k_index = (t.to(device) for t in (req.q_index, req.q_valid, req.k_index))
+    q_index, q_valid, k_index, k_valid = (t.to(device) for t in (req.q_index, req.q_valid, req.k_index, req.k_valid))
     n_q, n_rep = q_index.shape[1], h // h_kv
     rows = query.gather(2, q_index[:, None, :, None].expand(b, h, n_q, d)).float()
     # query head h uses kv head h // n_rep (repeat_kv layout): group rows per kv head, no K copy
@@ -99,6 +101,7 @@ def _probe_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     picked = scores.gather(-1, k_index[:, None, None, :].expand(b, h, n_q, k_index.shape[1]))
     probs = (picked - lse).exp().mean(dim=1)  # [B, Qmax, n_keys], heads averaged
+    probs = probs * k_valid[:, None, :]  # a padded key column (index 0) is no key of its sample
     weights = q_valid.float() / q_valid.sum(dim=1, keepdim=True)
     return (probs * weights[:, :, None]).sum(dim=1)
 
@@ -206,12 +209,12 @@ def _pad_indices(per_sample: Sequence[torch.Tensor], what: str) -> tuple[torch.T
     return index, valid
 
 
-def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def probe_targets(samples: tuple[EncodedSample, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Query (instruction) and key (vision) positions per sample for the probe.
 
     A sample with no instruction text (e.g. only `<image>`) queries from the last prompt token,
     the position that predicts the first answer token. Text-only samples get placeholder keys
-    (their result is ignored) because the probe needs the same key count for every sample.
+    (their result is ignored). Each sample keys on its own vision positions, however many.
     """
     queries, keys = [], []
     for s in samples:
@@ -220,7 +223,7 @@ def probe_targets(samples: tuple[EncodedSample, ...], n_v: int) -> tuple[list[to
             first = s.resp_positions[:1]
             q = first if first.numel() else torch.tensor([s.length - 1])
         queries.append(q)
-        keys.append(s.vision_positions[:n_v] if s.n_v else torch.arange(n_v))
+        keys.append(s.vision_positions[: s.n_v] if s.n_v else torch.zeros(1, dtype=torch.long))
     return queries, keys
 
 
@@ -232,7 +235,8 @@ class AttentionProbe:
     _request: _Request
 
     def result(self, normalize: bool = False) -> dict[int, torch.Tensor]:
-        """layer -> fp32 [B, n_keys]: attention of the query rows on the key columns.
+        """layer -> fp32 [B, K]: attention of the query rows on the key columns (sample b's n_b
+        keys first, then zeros up to K = max n_b).
 
         Raw (normalize=False): probabilities averaged over heads and query rows (each row of the
         full softmax sums to 1 over all keys, so these sum to <= 1). normalize=True: L1-normalised
@@ -266,8 +270,8 @@ def probe_attention(
     """Record instruction-to-vision attention at `layers` during forwards run inside the block.
 
     queries[b]: LongTensor [n_q_b] of query positions of sample b (e.g. instruction tokens);
-    keys[b]: LongTensor [n_keys] of key positions (e.g. the n_v vision tokens; the same count for
-    every sample). Positions index the padded batch as fed to the model (left padding shifts
+    keys[b]: LongTensor [n_keys_b] of key positions (e.g. the sample's n_v vision tokens; counts may
+    differ between samples). Positions index the padded batch as fed to the model (left padding shifts
     them). Query rows must be real (unpadded) tokens. The probe fires on full forwards only.
     keep_graph=False computes under no_grad (teacher / extraction); keep_graph=True keeps the
     autograd graph so a loss on the result trains q/k projections (student, iva_target=attention;
@@ -275,8 +279,6 @@ def probe_attention(
     probe identically). Installs the probe for the block if the model does not use it already.
     """
     key_index, key_valid = _pad_indices(keys, "keys")
-    if not bool(key_valid.all()):
-        raise ValueError("probe: every sample must request the same number of key positions")
     q_index, q_valid = _pad_indices(queries, "queries")
     if q_index.shape[0] != key_index.shape[0]:
         raise ValueError(f"probe: {q_index.shape[0]} query lists but {key_index.shape[0]} key lists")
@@ -287,7 +289,7 @@ def probe_attention(
         raise ValueError(f"probe: layers {bad or '[]'} not in the model's LM layers 0..{max(modules)}")
     if any(getattr(modules[layer], _SLOT, None) is not None for layer in layers):
         raise ValueError("probe: a probe is already active on this model")
-    request = _Request(q_index, q_valid, key_index, int(q_index.max()), int(key_index.max()), keep_graph)
+    request = _Request(q_index, q_valid, key_index, key_valid, int(q_index.max()), int(key_index.max()), keep_graph)
     previous = install_probe(model)
     for layer in layers:
         setattr(modules[layer], _SLOT, request)

@@ -1,277 +1,151 @@
-"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models built in-process, and their image inputs.
+"""The Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): dynamic resolution and M-RoPE.
 
-The Qwen-VL family differs from LLaVA in what the adapter has to own:
+What this adapter owns, against the LLaVA defaults (`alignti.models.family`):
 - dynamic resolution: the image processor resizes each image to a multiple of patch * merge
   within [min_pixels, max_pixels] (`smart_resize`), so the vision-token count varies per image:
-  n_v = t * h * w / merge^2 for its `image_grid_thw` row (t, h, w) (in patches);
-- `pixel_values` are flattened patches, [sum_i t_i * h_i * w_i, C * temporal_patch * patch^2],
-  the images of a batch concatenated along dim 0 in order, with `image_grid_thw` [n_images, 3];
-- positions are 3-D (M-RoPE): `model.model.get_rope_index` gives [3, B, T] (see qwen_vl_positions.py);
-- the chat template marks an image as `<|vision_start|><|image_pad|><|vision_end|>`, and the
-  processor expands `<|image_pad|>` to n_v copies.
+  n_v = t * h * w / merge^2 for its `image_grid_thw` row (t, h, w) (in patches), known from the
+  image size alone (`get_number_of_image_patches`, what vLLM asks too);
+- `pixel_values` are flattened patches, [sum_i t_i * h_i * w_i, C * temporal_patch * patch^2], the
+  images of a batch concatenated along dim 0 in order, with `image_grid_thw` [n_images, 3];
+- positions are 3-D (M-RoPE, `qwen_vl_positions.py`): every forward gets explicit positions and
+  `generate` gets `mm_token_type_ids`. Without either, transformers 5.24's Qwen2-VL / Qwen3-VL
+  raise and Qwen2.5-VL silently numbers tokens 1-D (its logits then differ by ~5);
+- the chat template marks an image as `<|vision_start|><|image_pad|><|vision_end|>`; the
+  tokenisation path expands `<|image_pad|>` to n_v copies, as the processor does;
+- the merger (and Qwen3-VL's deepstack mergers) is the projector, the rest of `model.visual` the tower.
 
-Transformers 5.24 cannot build or load a Qwen-VL *processor* without torchvision: the processor
-insists on a video processor (processing_utils.py:668 checks every sub-processor's class,
-`VideoProcessorMixin` is exported only with torchvision, __init__.py:335), and
+No torchvision. Transformers 5.24 cannot build or load a Qwen-VL *processor* without it: the
+processor insists on a video processor (processing_utils.py:668 checks every sub-processor's
+class, `VideoProcessorMixin` is exported only with torchvision, __init__.py:335), and
 `AutoProcessor.from_pretrained(dir, backend="pil")` asks for a PIL video processor, which does
 not exist (video_processing_auto.py:137-142). The tokenizer, the PIL image processor and the
-model need none of it, so this module works with those parts and writes the processor's files
-itself (`save_model_dir`), in the layout `Qwen2VLProcessor.save_pretrained` writes, so
-`AutoProcessor.from_pretrained(dir)` loads the directory wherever torchvision is installed.
+chat template are all the tokenisation path needs, so `load_parts` loads those (real
+checkpoints have them: tokenizer files, preprocessor_config.json, a chat template) and
+`save_parts` writes processor_config.json in the layout `Qwen2VLProcessor.save_pretrained`
+writes, so `AutoProcessor.from_pretrained(dir)` loads a saved directory wherever torchvision is
+installed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from tokenizers import Tokenizer
-from transformers import (
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from alignti.data.batching import Batch
+from alignti.data.images import ImageInputs
 from alignti.errors import AlignTIError
-from alignti.models.tokenizer import IM_END, PAD_TOKEN
+from alignti.models.family import Family, ModelParts, saved_chat_template
+from alignti.models.qwen_vl_positions import gather_positions, image_token_ids, rope_positions
+from alignti.models.qwen_vl_tiny import VISION_TOKENS, QwenVLSpec, build_tiny_qwen_vl
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-_MODELS = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-           "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-           "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
 _PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 _VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
                      "qwen3_vl": "Qwen3VLVideoProcessor"}
-
-# The names the Qwen-VL processors look up on the tokenizer (processing_qwen2_vl.py:36-47,
-# processing_qwen3_vl.py:53-68); their defaults are these same strings.
-VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-
-# ChatML as alignti's tokenizer has it, with Qwen-VL's image marker (the processor expands the
-# `<|image_pad|>` between start and end). Qwen's own template also adds a default system turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# The image processor's settings that the video processor shares (its frame sampling keeps its defaults).
+_VIDEO_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
+               "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
 
 
-def qwen_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """A copy of alignti's trained tokenizer with Qwen-VL's vision tokens (appended ids) and template.
-
-    The four tokens are named special tokens (`tokenizer.image_token` etc.), which is how the
-    processors find them and how `save_pretrained` keeps them.
-    """
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.add_special_tokens(list(VISION_TOKENS.values()))
-    out = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=IM_END, pad_token=PAD_TOKEN,
-                                  extra_special_tokens=dict(VISION_TOKENS))
-    out.chat_template = CHAT_TEMPLATE
-    return out
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
-@dataclass(frozen=True)
-class QwenVLSpec:
-    """Sizes of a tiny Qwen-VL model (the field names match `TinySpec`'s where they mean the same)."""
+class QwenVLFamily(Family):
+    """One of Qwen2-VL, Qwen2.5-VL, Qwen3-VL (they differ in the model classes only)."""
 
-    family: str = field(default="qwen2_5_vl", metadata={"help": "qwen2_vl | qwen2_5_vl | qwen3_vl"})
-    hidden: int = field(default=64, metadata={"help": "LM hidden size"})
-    layers: int = field(default=2, metadata={"help": "LM decoder layers"})
-    heads: int = field(default=4, metadata={"help": "LM attention heads"})
-    kv_heads: int = field(default=2, metadata={"help": "LM key/value heads (GQA when < heads)"})
-    vision_hidden: int = field(default=32, metadata={"help": "vision tower hidden size"})
-    vision_layers: int = field(default=2, metadata={"help": "vision tower layers"})
-    patch: int = field(default=14, metadata={"help": "vision patch size in pixels"})
-    merge: int = field(default=2, metadata={"help": "spatial merge: merge x merge patches -> 1 token"})
-    min_pixels: int = field(default=56 * 56, metadata={"help": "image processor's smallest resized area"})
-    max_pixels: int = field(default=112 * 112, metadata={"help": "image processor's largest resized area"})
-    seed: int = field(default=0, metadata={"help": "weight initialisation seed"})
+    vision_keys = ("visual.",)
+    projector_keys = ("visual.merger", "visual.deepstack_merger_list")
 
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise AlignTIError(f"unknown Qwen-VL family {self.family!r}; use one of {FAMILIES}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise AlignTIError("hidden must divide by heads and heads by kv_heads")
-        head = self.hidden // self.heads
-        if head % 2 or head < 8:
-            raise AlignTIError(f"head size hidden / heads = {head}: must be even and >= 8 (3 rotary axes)")
-        if self.vision_hidden % 16:
-            raise AlignTIError("vision hidden size must be a multiple of 16 (heads of width 16)")
-        if self.min_pixels > self.max_pixels or self.min_pixels < (self.patch * self.merge) ** 2:
-            raise AlignTIError("need (patch * merge)^2 <= min_pixels <= max_pixels")
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.model_types = (name,)
 
+    # ---- parts and images
 
-def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:
-    """Rotary frequency pairs per axis (t, h, w), summing to head_dim / 2.
+    def load_parts(self, path: Path, trust_remote_code: bool = False) -> ModelParts:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        except (OSError, ValueError) as e:
+            raise AlignTIError(f"cannot load the tokenizer and image processor of {str(path)!r}: {_one_line(e)}"
+                               ) from None
+        return self.parts_of(tokenizer, image_processor, saved_chat_template(path) or tokenizer.chat_template)
 
-    Real checkpoints: [16, 24, 24] for head_dim 128 (Qwen2/2.5-VL, axes in blocks) and
-    [24, 20, 20] interleaved (Qwen3-VL). The tiny split keeps the same proportions.
-    """
-    half = head_dim // 2
-    hw = (half * 5) // 16 if interleaved else (half * 3) // 8
-    return [half - 2 * hw, hw, hw]
+    def parts_of(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, template: str | None) -> ModelParts:
+        image_token = getattr(tokenizer, "image_token", None) or VISION_TOKENS["image_token"]  # as the processor
+        if image_token not in tokenizer.get_vocab():
+            raise AlignTIError(f"the tokenizer has no image token {image_token!r} (not a Qwen-VL tokenizer)")
+        tokenizer.chat_template = template  # saved with the tokenizer (chat_template.jinja)
+        return ModelParts(self, tokenizer, image_processor, template, image_token,
+                          {"merge": image_processor.merge_size})
 
+    def encode_images(self, parts: ModelParts, images: Sequence[Image.Image]) -> ImageInputs:
+        out = parts.image_processor(images=list(images), return_tensors="pt")
+        thw = out["image_grid_thw"].long()  # [n, 3] in patches
+        merge = parts.settings["merge"]
+        n_v = tuple((thw.prod(-1) // merge**2).tolist())  # processing_qwen2_vl.py:51-53
+        grids = tuple((int(t * h // merge), int(w // merge)) for t, h, w in thw.tolist())
+        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": thw}, n_v, grids)
 
-def _text_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerBase) -> dict:
-    head_dim = spec.hidden // spec.heads
-    interleaved = spec.family == "qwen3_vl"
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim, interleaved)}
-    if interleaved:
-        rope["mrope_interleaved"] = True
-    text = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
-                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, rope_parameters=rope)
-    if spec.family == "qwen3_vl":
-        text["head_dim"] = head_dim
-    else:  # Qwen2/2.5-VL text configs default to the real vocabulary's bos id (151643)
-        text["bos_token_id"] = None
-    return text
+    def vision_tokens(self, parts: ModelParts, size: tuple[int, int] | None) -> int | None:
+        if size is None:
+            return None
+        width, height = size
+        return parts.image_processor.get_number_of_image_patches(height, width, {}) // parts.settings["merge"] ** 2
 
+    def save_parts(self, parts: ModelParts, out: Path) -> None:
+        """Tokenizer (with chat_template.jinja) and processor_config.json (image + video processor)."""
+        parts.tokenizer.save_pretrained(out)
+        settings = parts.image_processor.to_dict()
+        video = {**{k: settings[k] for k in _VIDEO_KEYS if k in settings},
+                 "video_processor_type": _VIDEO_PROCESSORS[self.name]}
+        processor = {"image_processor": settings, "processor_class": _PROCESSORS[self.name], "video_processor": video}
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
 
-def _vision_config(spec: QwenVLSpec) -> dict:
-    """Each family names its vision sizes differently (configuration_qwen*_vl.py)."""
-    common = dict(depth=spec.vision_layers, num_heads=spec.vision_hidden // 16, patch_size=spec.patch,
-                  spatial_merge_size=spec.merge, temporal_patch_size=2)
-    if spec.family == "qwen2_vl":  # embed_dim = tower width, hidden_size = merger output (the LM's)
-        return dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.hidden, mlp_ratio=2)
-    out = dict(common, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-               out_hidden_size=spec.hidden)
-    if spec.family == "qwen2_5_vl":
-        # windows of 2 x 2 merged tokens; the last block attends over the whole image
-        return dict(out, window_size=2 * spec.merge * spec.patch, fullatt_block_indexes=[spec.vision_layers - 1])
-    # Qwen3-VL: learnt 8 x 8 position grid (interpolated to each image), deepstack from block 0
-    return dict(out, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    def vision_rule(self, root: Path) -> tuple[dict | None, int | None]:
+        """patch, merge, temporal patch and the [min_pixels, max_pixels] range decide every image's n_v."""
+        if not any((root / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+            return None, None
+        try:
+            ip = AutoImageProcessor.from_pretrained(root, backend="pil")
+        except (OSError, ValueError) as e:
+            raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {_one_line(e)}") from None
+        return {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+                "min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"]}, None
 
+    def random_spec(self, sizes: dict[str, Any]) -> QwenVLSpec:
+        chosen = {f.name: sizes[f.name] for f in fields(QwenVLSpec) if f.name in sizes and f.name != "family"}
+        return QwenVLSpec(family=self.name, **chosen)
 
-def tiny_qwen_vl_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The family's composite config; token ids come from `tokenizer` (see `qwen_tokenizer`)."""
-    vocab = tokenizer.get_vocab()
-    ids = {name: vocab.get(tok) for name, tok in VISION_TOKENS.items()}
-    if None in ids.values():
-        raise AlignTIError(f"the tokenizer lacks Qwen-VL's vision tokens {list(VISION_TOKENS.values())}")
-    config_cls, _ = _MODELS[spec.family]
-    return config_cls(
-        text_config=_text_config(spec, tokenizer), vision_config=_vision_config(spec),
-        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
-        tie_word_embeddings=False,
-    )
+    def build_random(self, spec: QwenVLSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, ModelParts]:
+        model, tok, image_processor = build_tiny_qwen_vl(spec, tokenizer)
+        return model, self.parts_of(tok, image_processor, tok.chat_template)
 
+    # ---- the model
 
-def build_image_processor(spec: QwenVLSpec, image_mean: list[float] | None = None,
-                          image_std: list[float] | None = None) -> Qwen2VLImageProcessorPil:
-    """The PIL image processor every Qwen-VL family uses (image_processing_auto.py:146-150)."""
-    return Qwen2VLImageProcessorPil(
-        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch, merge_size=spec.merge,
-        temporal_patch_size=2, image_mean=image_mean or [0.5, 0.5, 0.5], image_std=image_std or [0.5, 0.5, 0.5],
-    )
+    def plain_positions(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """long [3, B, T] M-RoPE positions, from the model's own rope index."""
+        return rope_positions(model, input_ids, attention_mask, images.get("image_grid_thw"))
+
+    def ribbon_positions(self, plain: torch.Tensor | None, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """long [3, B, W]: each candidate takes its stand-in's triple, each ground-truth token its own."""
+        assert plain is not None, "Qwen-VL ribbons need the plain batch's M-RoPE positions"
+        return gather_positions(plain, index, lengths)
+
+    def generation_inputs(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
+        """`generate` computes M-RoPE itself at prefill only from `mm_token_type_ids` (+ image_grid_thw);
+        without them it silently falls back to 1-D positions."""
+        ids = batch.input_ids
+        return {**super().generation_inputs(model, batch),
+                "mm_token_type_ids": image_token_ids(ids, model.config.image_token_id)}
 
 
-def build_tiny_qwen_vl(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast
-                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
-    """Random-weight tiny model (fp32, eval mode), its tokenizer (a Qwen copy of `tokenizer`) and
-    its image processor."""
-    tok = qwen_tokenizer(tokenizer) if VISION_TOKENS["image_token"] not in tokenizer.get_vocab() else tokenizer
-    config = tiny_qwen_vl_config(spec, tok)
-    torch.manual_seed(spec.seed)
-    model = _MODELS[spec.family][1](config).eval()
-    return model, tok, build_image_processor(spec)
-
-
-def _video_processor_dict(family: str, image_processor: Qwen2VLImageProcessorPil) -> dict:
-    """The video processor's saved settings: the image processor's resize and patch settings
-    (its own defaults for frame sampling are kept by leaving them out)."""
-    keys = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
-            "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
-    settings = image_processor.to_dict()
-    return {**{k: settings[k] for k in keys}, "video_processor_type": _VIDEO_PROCESSORS[family]}
-
-
-def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
-                   image_processor: Qwen2VLImageProcessorPil, out: str | Path) -> Path:
-    """Weights, config, tokenizer (with chat_template.jinja) and processor config in one directory.
-
-    processor_config.json holds the image and video processors' settings and the processor class,
-    as `Qwen*VLProcessor.save_pretrained` writes it; it is written here because the processor
-    object cannot exist without torchvision (module docstring).
-    """
-    family = model.config.model_type
-    if family not in FAMILIES:
-        raise ValueError(f"not a Qwen-VL model: {family!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    processor = {"image_processor": image_processor.to_dict(), "processor_class": _PROCESSORS[family],
-                 "video_processor": _video_processor_dict(family, image_processor)}
-    (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
-    return out
-
-
-@dataclass(frozen=True)
-class ImageBatch:
-    """The image inputs of a batch: every image's flattened patches, concatenated in order.
-
-    n images, P = sum_i t_i * h_i * w_i patches, D = C * temporal_patch * patch^2.
-    """
-
-    pixel_values: torch.Tensor  # float [P, D]
-    image_grid_thw: torch.Tensor  # long [n, 3]: (t, h, w) in patches
-    merge: int
-
-    @property
-    def num_vision_tokens(self) -> list[int]:
-        """Vision tokens per image: t * h * w / merge^2 (processing_qwen2_vl.py:51-53)."""
-        return (self.image_grid_thw.prod(-1) // self.merge**2).tolist()
-
-    def split(self) -> tuple[torch.Tensor, ...]:
-        """Per-image patch blocks [t_i * h_i * w_i, D], the inverse of `concat`."""
-        return torch.split(self.pixel_values, self.image_grid_thw.prod(-1).tolist())
-
-    @staticmethod
-    def concat(batches: Sequence["ImageBatch"]) -> "ImageBatch":
-        """One batch from per-sample image batches (collation; samples in order)."""
-        merges = {b.merge for b in batches}
-        if len(merges) != 1:
-            raise ValueError(f"image batches with different merge sizes {sorted(merges)}")
-        return ImageBatch(torch.cat([b.pixel_values for b in batches]),
-                          torch.cat([b.image_grid_thw for b in batches]), merges.pop())
-
-
-def process_images(image_processor: Qwen2VLImageProcessorPil, images: Sequence[Image.Image]) -> ImageBatch:
-    """Resize, normalise and patchify `images` (any sizes) as the processor does."""
-    out = image_processor(images=list(images), return_tensors="pt")
-    return ImageBatch(out["pixel_values"], out["image_grid_thw"].long(), int(image_processor.merge_size))
-
-
-def expected_vision_tokens(image_processor: Qwen2VLImageProcessorPil, width: int, height: int) -> int:
-    """Vision tokens for an image of this size without processing it (as vLLM asks the processor:
-    image_processing_pil_qwen2_vl.py:260-288, processing_qwen2_vl.py:79-83)."""
-    return image_processor.get_number_of_image_patches(height, width, {}) // image_processor.merge_size**2
-
-
-def image_token_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """`mm_token_type_ids` for image-only inputs: 1 at image tokens, 0 elsewhere (the processor's
-    create_mm_token_type_ids, processing_utils.py:996-1026). Same shape as input_ids."""
-    return (input_ids == image_token_id).int()
+QWEN_VL = tuple(QwenVLFamily(name) for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))

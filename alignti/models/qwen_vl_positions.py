@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from alignti.models.qwen_vl import image_token_ids
+
+
+def image_token_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """`mm_token_type_ids` for image-only inputs: 1 at image tokens, 0 elsewhere (the processor's
+    create_mm_token_type_ids, processing_utils.py:996-1026). int [B, T], like input_ids."""
+    return (input_ids == image_token_id).int()
 
 
 def rope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

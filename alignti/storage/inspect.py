@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +33,20 @@ def format_table(st: dict[str, Any]) -> str:
         f"response tokens      {st['num_response_tokens']:,}",
         f"TPA rows / IVA pos.  {st['num_tpa_rows']:,} / {st['num_iva_positions']:,}",
         f"rejects              {st['num_rejects']:,}"
-        + "".join(f"\n  {reason:<19}{n:,}" for reason, n in st["rejects_by_reason"].items()),
+        + "".join(f"\n  {reason:<21}{n:,}" for reason, n in st["rejects_by_reason"].items()),
         f"bytes total          {st['bytes_total']:,}",
         "bytes per response token (stored / as int32 ids + fp16 log-probs):",
     ]
     per, raw = st["bytes_per_response_token"], st["raw_bytes_per_response_token"]
     for sig, v in per.items():
         lines.append(f"  {sig:<19}{_fmt(v):>10}  {_fmt(raw.get(sig)) if sig in raw else '':>10}")
+    lines += [f"retained top-k mass  (teacher probability kept per row, over {st['mass_samples']} samples)",
+              "  signal" + " " * 12 + "".join(f"{q:>8}" for q in ("mean",) + QUANTILES) + "   rows per mass bin "
+              + _bins(st)]
+    for sig, d in st["retained_mass"].items():
+        lines.append(f"  {sig:<18}{'-':>8}" if d is None else f"  {sig:<18}"
+                     + "".join(f"{d[q]:>8.3f}" for q in ("mean",) + QUANTILES) + "   " + _histogram(d))
     lines += [
-        f"mean retained mass   top-k {_fmt_mass(st['mean_topk_mass'])}, TPA {_fmt_mass(st['mean_tpa_topk_mass'])}, "
-        f"IVA {_fmt_mass(st['mean_iva_topk_mass'])} (over {st['mass_samples']} samples)",
         f"settings             {', '.join(f'{k}={v}' for k, v in st['settings'].items() if k != 'irs_scores')}",
         f"IVA                  layer {st['iva']['layer']}, P <= {st['iva']['max_positions']}, "
         f"k_v = {st['iva']['top_k']}",
@@ -52,8 +57,21 @@ def format_table(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_mass(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+QUANTILES = ("min", "p5", "p50", "p95", "max")
+_BARS = " .:-=+*#@"  # ASCII: any terminal encoding
+
+
+def _bins(st: dict[str, Any]) -> str:
+    edges = next((d["histogram"]["edges"] for d in st["retained_mass"].values() if d), [])
+    return " ".join(f"<{b:g}" if i < len(edges) - 2 else f"<={b:g}" for i, b in enumerate(edges[1:]))
+
+
+def _histogram(d: dict[str, Any]) -> str:
+    """One bar per mass bin, as high as its share of the largest bin, then the counts."""
+    counts = d["histogram"]["counts"]
+    top = max(max(counts), 1)
+    bars = "".join(_BARS[0 if c == 0 else max(1, round(8 * c / top))] for c in counts)
+    return f"|{bars}| {' '.join(f'{c:,}' for c in counts)}"
 
 
 def run_inspect(cfg: InspectConfig) -> dict[str, Any]:
@@ -64,4 +82,6 @@ def run_inspect(cfg: InspectConfig) -> dict[str, Any]:
     st = cache_stats(reader, mass_samples=cfg.mass_samples)
     st["verified"] = bool(cfg.verify)
     print(jsonlib.dumps(st, sort_keys=False) if cfg.json else format_table(st))
+    for warning in st["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     return st

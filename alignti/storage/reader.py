@@ -81,6 +81,14 @@ class CacheReader:
         check_part_sizes(loc, parts)
         return cls(loc, manifest, parts, max_open_parts)
 
+    def drop_handles(self) -> None:
+        """Forget the open part handles, the zarr store and the filesystem instance; they reopen on
+        first use. A forked DataLoader worker calls this: file handles and fsspec's event loop must
+        not be shared with the parent. The index (read at open) is kept."""
+        self.loc = CacheLocation.of(self.loc.url)
+        self._handles.clear()
+        self._store = None
+
     def __reduce__(self) -> tuple:
         # DataLoader workers started with spawn re-open (and re-validate) instead of pickling handles.
         return (_reopen, (self.loc.url, self._max_open))

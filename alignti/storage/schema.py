@@ -271,6 +271,7 @@ REJECT_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 # On-disk layout names.
 CACHE_JSON = "cache.json"
+RUN_YAML = "extract.yaml"  # informative: the options of the latest extract run into the cache; never read
 PARTS_DIR = "parts"
 PART_JSON = "part.json"
 SIGNALS_ZARR = "signals.zarr"

@@ -14,7 +14,7 @@ from alignti.storage.schema import CACHE_JSON, REJECTS_PARQUET, SAMPLE_ARRAYS, S
 SIGNALS = ("topk", "tpa", "iva_saliency", "iva_topk", "metadata", "rejects")
 
 
-def _signal_of(rel: str) -> str:
+def signal_of(rel: str) -> str:
     """Accounting bucket of a file inside a part (path relative to the part dir)."""
     if rel == REJECTS_PARQUET:
         return "rejects"
@@ -31,7 +31,7 @@ def signal_bytes(reader: CacheReader) -> tuple[dict[str, int], int]:
     total = int(loc.fs.size(loc.path(CACHE_JSON)))
     for p in reader.parts:
         for rel, size in part_file_sizes(loc, p.name).items():
-            out[_signal_of(rel)] += size
+            out[signal_of(rel)] += size
             total += size
     return dict(out), total
 
@@ -45,25 +45,40 @@ def raw_bytes(reader: CacheReader) -> dict[str, int]:
             "iva_saliency": rows["sal"] * 2, "iva_topk": rows["iva"] * (4 + 6 * s.iva_top_k)}
 
 
+MASS_WARN = 0.8  # below this mean retained mass the top-k rows miss much of the teacher's distribution
+MASS_BINS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)  # histogram edges of the retained mass
+MASS_SIGNALS = {"topk": "--top-k", "tpa": "--tpa-top-k", "iva": "--iva-top-k"}  # -> the extract option that sets k
+
+
+def mass_distribution(mass: np.ndarray) -> dict[str, Any] | None:
+    """mean, min, p5, p50, p95, max and a histogram over MASS_BINS of per-row retained masses."""
+    if not mass.size:
+        return None
+    p5, p50, p95 = np.quantile(mass, [0.05, 0.5, 0.95])
+    counts, _ = np.histogram(np.clip(mass, 0.0, 1.0), bins=MASS_BINS)
+    return {"mean": float(mass.mean()), "min": float(mass.min()), "p5": float(p5), "p50": float(p50),
+            "p95": float(p95), "max": float(mass.max()), "rows": int(mass.size),
+            "histogram": {"edges": list(MASS_BINS), "counts": counts.tolist()}}
+
+
 def retained_mass(reader: CacheReader, max_samples: int, seed: int = 0) -> dict[str, Any]:
-    """Mean teacher probability mass kept by the top-k rows, over up to `max_samples` samples."""
+    """Teacher probability mass kept by each top-k row (sum of its probabilities), over up to
+    `max_samples` random samples: the mean per signal and its distribution, and a warning for
+    each signal whose mean is below MASS_WARN."""
     n = min(len(reader), max_samples)
-    if n == 0:
-        return {"mass_samples": 0, "mean_topk_mass": None, "mean_tpa_topk_mass": None, "mean_iva_topk_mass": None}
-    idx = np.sort(np.random.default_rng(seed).choice(len(reader), size=n, replace=False))
-    sums: dict[str, list[np.ndarray]] = {"topk": [], "tpa": [], "iva": []}
+    rows: dict[str, list[np.ndarray]] = {sig: [] for sig in MASS_SIGNALS}
+    idx = np.sort(np.random.default_rng(seed).choice(len(reader), size=n, replace=False)) if n else np.zeros(0, int)
     for start in range(0, n, 64):
         for s in reader.get_batch(idx[start:start + 64]):
-            sums["topk"].append(np.exp(s.topk_logprobs.astype(np.float64)).sum(-1).ravel())
-            sums["tpa"].append(np.exp(s.tpa_topk_logprobs.astype(np.float64)).sum(-1).ravel())
-            sums["iva"].append(np.exp(s.iva_topk_logprobs.astype(np.float64)).sum(-1).ravel())
-
-    def mean(v: list[np.ndarray]) -> float | None:
-        a = np.concatenate(v) if v else np.zeros(0)
-        return float(a.mean()) if a.size else None
-
-    return {"mass_samples": n, "mean_topk_mass": mean(sums["topk"]), "mean_tpa_topk_mass": mean(sums["tpa"]),
-            "mean_iva_topk_mass": mean(sums["iva"])}
+            for sig, lps in (("topk", s.topk_logprobs), ("tpa", s.tpa_topk_logprobs), ("iva", s.iva_topk_logprobs)):
+                rows[sig].append(np.exp(lps.astype(np.float64)).sum(-1).ravel())
+    dist = {sig: mass_distribution(np.concatenate(v) if v else np.zeros(0)) for sig, v in rows.items()}
+    warnings = [f"mean retained {sig} mass {d['mean']:.3f} < {MASS_WARN}: the cached rows miss "
+                f"{1 - d['mean']:.0%} of the teacher's distribution on average (a larger {MASS_SIGNALS[sig]} at "
+                f"extraction keeps more)" for sig, d in dist.items() if d is not None and d["mean"] < MASS_WARN]
+    return {"mass_samples": n, "mean_topk_mass": dist["topk"] and dist["topk"]["mean"],
+            "mean_tpa_topk_mass": dist["tpa"] and dist["tpa"]["mean"],
+            "mean_iva_topk_mass": dist["iva"] and dist["iva"]["mean"], "retained_mass": dist, "warnings": warnings}
 
 
 def _per_token(values: dict[str, int], tokens: int) -> dict[str, float | None]:

@@ -34,8 +34,8 @@ from alignti.storage.lifecycle import check_root_is_ours, local_root, prepare_ro
 from alignti.storage.packing import pack
 from alignti.storage.parts import PartInfo, WorkerLock, clean_stale_temps, part_name, publish_part, seal_dir
 from alignti.storage.schema import (
-    ARRAYS, GROUPS, PARTS_DIR, REJECT_COLUMNS, REJECTS_PARQUET, SAMPLES_PARQUET, CacheManifest, SampleSignals,
-    check_fingerprint,
+    ARRAYS, GROUPS, PARTS_DIR, REJECT_COLUMNS, REJECTS_PARQUET, SAMPLES_PARQUET, CacheManifest, CacheSettings,
+    SampleSignals, check_fingerprint,
 )
 from alignti.storage.validation import validate_sample
 
@@ -60,6 +60,18 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=PARQUET_ROW_GROUP, write_page_checksum=True)
+
+
+def write_part_files(part_dir: Path, samples: list[SampleSignals], rejects: list[tuple[str, str, str]],
+                     settings: CacheSettings) -> dict[str, int]:
+    """Every file of a part but part.json into `part_dir`: the signal arrays, samples.parquet and
+    rejects.parquet ((source_id, reason, detail) rows). Returns the rows per ragged group."""
+    arrays, table = pack(samples, settings)
+    write_signals(part_dir, arrays)
+    write_parquet(table, part_dir / SAMPLES_PARQUET)
+    columns = {c: [r[i] for r in rejects] for i, (c, _, _) in enumerate(REJECT_COLUMNS)}
+    write_parquet(pa.table({c: pa.array(v, pa.string()) for c, v in columns.items()}), part_dir / REJECTS_PARQUET)
+    return {g: int(arrays[next(a.name for a in ARRAYS if a.group == g)].shape[0]) for g in GROUPS}
 
 
 class CacheWriter:
@@ -187,12 +199,7 @@ class CacheWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        arrays, table = pack(self._samples, self.manifest.settings)
-        write_signals(tmp, arrays)
-        write_parquet(table, tmp / SAMPLES_PARQUET)
-        rejects = {c: [r[i] for r in self._rejects] for i, (c, _, _) in enumerate(REJECT_COLUMNS)}
-        write_parquet(pa.table({c: pa.array(v, pa.string()) for c, v in rejects.items()}), tmp / REJECTS_PARQUET)
-        rows = {g: int(arrays[next(a.name for a in ARRAYS if a.group == g)].shape[0]) for g in GROUPS}
+        rows = write_part_files(tmp, self._samples, self._rejects, self.manifest.settings)
         info = PartInfo(name, self.worker, len(self._samples), len(self._rejects), self._hash, time.time(), rows,
                         seal_dir(tmp))
         publish_part(tmp, parts_dir / name, info)

@@ -9,12 +9,12 @@ from alignti.data import corpus as C
 from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import parse_row, read_corpus
 from alignti.data.encode import IGNORE_INDEX, SampleEncoder
-from alignti.models.loading import load_processor
+from alignti.models.family import load_parts
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
+    return load_parts(tiny_model_dir)
 
 
 @pytest.fixture()
@@ -49,11 +49,11 @@ def test_single_turn_labels_vision_instruction(processor, root):
     # response positions predict exactly the labelled tokens
     assert torch.equal(s.input_ids[s.resp_positions + 1], s.labels[lab])
     # same ids and pixels as the processor's own expansion
-    ref = processor(text=enc.render(row([("human", "<image>\nWhat colour is the circle?"),
+    ref = processor.settings["processor"](text=enc.render(row([("human", "<image>\nWhat colour is the circle?"),
                                           ("gpt", "red circle")]).turns),
                     images=Image.open(root / "img" / "a.png"), return_tensors="pt")
     assert torch.equal(ref["input_ids"][0], s.input_ids)
-    assert torch.equal(ref["pixel_values"], s.pixel_values)
+    assert torch.equal(ref["pixel_values"], s.images.tensors["pixel_values"])
     assert (s.text_ids == img_id).sum() == 1 and s.text_ids.dtype == np.int32
 
 
@@ -85,7 +85,7 @@ def test_multi_turn_and_system(processor, root):
 
 def test_text_only(processor, root):
     s = SampleEncoder(processor, str(root), 512).encode(row([("human", "Describe it."), ("gpt", "a square")], image=None))
-    assert s.pixel_values is None and s.n_v == 0 and s.vision_positions.numel() == 0 and s.vision_start == -1
+    assert s.images is None and s.n_v == 0 and s.vision_positions.numel() == 0 and s.vision_start == -1
     assert processor.tokenizer.decode(s.input_ids[s.label_spans[0][0]:s.label_spans[0][1]]) == "a square<|im_end|>"
 
 
@@ -135,7 +135,7 @@ def test_collate_and_length_grouping(processor, root):
     pad = processor.tokenizer.pad_token_id
     for side in ("right", "left"):
         b = collate(samples, pad, side)
-        assert b.pixel_values.shape[0] == 4
+        assert b.images["pixel_values"].shape[0] == 4
         for i, s in enumerate(samples):
             o = int(b.offsets[i])
             assert torch.equal(b.input_ids[i, o:o + s.length], s.input_ids)

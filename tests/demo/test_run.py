@@ -55,6 +55,9 @@ def test_demo_micro_run_writes_the_report(tmp_path, monkeypatch, capsys):
     assert "cannot rank the recipes" in md and "bench/paper_table.py" in md and "docs/results.md" in md
     assert "Position questions" in md and on_disk["test_questions"]["position"] >= 1
     assert "| teacher | teacher | sft + grounding |" in md and "Teacher (sft + grounding)" in md
+    for m in models:  # each model's loss plot is linked, and exists
+        link = f"[{m['name']}]({Path(m['path']).parent.relative_to(work) / 'loss.png'})"
+        assert link in md and (work / Path(m["path"]).parent.relative_to(work) / "loss.png").is_file(), link
     out = capsys.readouterr().out
     layer = on_disk["irs"]["layer"]
     assert f"IVA layer l* = {layer}, IRS {on_disk['irs']['scores'][layer]:.3f}" in out

@@ -8,7 +8,8 @@ from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.demo.saliency import SaliencyItem, box_mass, object_patch_mass, overlay, peak_in_box, teacher_saliency
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.models.assemble import AssembleConfig, run_assemble
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 
 
@@ -70,7 +71,7 @@ def test_picture_saliency_is_the_cached_saliency(tmp_path):
                               iva_layer="1", tpa_d=0, top_k=4, iva_top_k=4, iva_max_positions=4))
     reader = CacheReader.open(str(tmp_path / "c"))
     cached = {s.sample_id: s.saliency for s in reader.get_batch(range(len(reader)))}
-    processor = load_processor(teacher)
+    processor = load_parts(teacher)
     items = {layer: teacher_saliency(model, processor, str(corpus), str(root), layer, limit=100) for layer in (0, 1)}
     assert len(items[1]) == len(cached) > 10
     for it in items[1]:

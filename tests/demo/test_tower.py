@@ -4,8 +4,10 @@ import torch
 
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.data.shapes_render import COLORS, SHAPES
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
+from alignti.models.family import save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.demo.tower import copy_tower, patch_labels, pretrain_tower, shapes_tower_data
 
@@ -32,7 +34,7 @@ def test_pretrain_learns_and_copy_moves_only_the_tower(tmp_path):
     other = save_model_dir(*build_tiny_llava(TinySpec(image_size=32, patch=16, vision_hidden=32, seed=5), tok),
                            tmp_path / "other")
     model = load_model(src)
-    pixels, labels = shapes_tower_data(str(tmp_path / "s" / "train.json"), str(tmp_path / "s"), load_processor(src), 2)
+    pixels, labels = shapes_tower_data(str(tmp_path / "s" / "train.json"), str(tmp_path / "s"), load_parts(src), 2)
     assert pixels.shape[1:] == (3, 32, 32) and labels["color"].shape == (pixels.shape[0], 4)
     result = pretrain_tower(model, pixels, labels, steps=200, lr=3e-3)
     assert result.accuracy["color"] >= 0.9 and result.accuracy["quadrant"] >= 0.9, result

@@ -17,11 +17,13 @@ from alignti.distill.examples import cache_examples, check_iva_compatible, corpu
 from alignti.distill.losses import combine
 from alignti.distill.objective import padded_mass_warning, student_iva_layer
 from alignti.errors import AlignTIError
-from alignti.models.tiny import TinySpec, build_tiny_llava
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.reader import CacheReader
 from tests.distill.test_offline_online import bucket_kl_and_bound
 from tests.distill.worlds import make_signal_world, objective_terms, student_model
+from tests.helpers.families import reference_logprobs
+from tests.helpers.models import pixels
 
 REF_RTOL = 2e-5  # fp32 step vs float64 reference
 
@@ -42,18 +44,13 @@ def _batch(world, ex, cfg, **kw):
     return build_distill_batch(ex, world.pad_id, world.image_token_id, cfg, "cpu", torch.float32, **kw)
 
 
-def _plain_logprobs(model, ids: torch.Tensor, pixel_values) -> torch.Tensor:
-    """float64 [T, V] log-softmax of a plain forward of one unpadded sequence."""
-    with torch.no_grad():
-        return torch.log_softmax(model(input_ids=ids[None], pixel_values=pixel_values).logits[0].double(), -1)
-
-
 def brute_force(model, examples, weighting: str = "teacher") -> dict[str, tuple[float, float]]:
-    """(sum, count) of each term from separate plain forwards (per sample, per candidate)."""
+    """(sum, count) of each term from separate plain forwards (per sample, per candidate), each with the
+    positions the model computes itself (any family)."""
     out = {k: [0.0, 0] for k in ("sft", "kd", "iva", "tpa")}
     for e in examples:
         s, sig = e.student, e.signals
-        lp = _plain_logprobs(model, s.input_ids, s.pixel_values)
+        lp = reference_logprobs(model, s.input_ids, s.images)
         resp = s.resp_positions
         out["sft"][0] -= float(lp[resp, s.input_ids[resp + 1]].sum())
         out["sft"][1] += resp.numel()
@@ -70,8 +67,8 @@ def brute_force(model, examples, weighting: str = "teacher") -> dict[str, tuple[
         for r, cands, cand_lp, ids, lps in zip(sig.tpa_rows, sig.tpa_cand_ids, sig.tpa_cand_logprobs,
                                                sig.tpa_topk_ids, sig.tpa_topk_logprobs):
             t = int(resp[r])
-            rows = torch.stack([_plain_logprobs(model, torch.cat([s.input_ids[: t + 1], torch.tensor([int(a)])]),
-                                                s.pixel_values)[-1] for a in cands])
+            rows = torch.stack([reference_logprobs(model, torch.cat([s.input_ids[: t + 1], torch.tensor([int(a)])]),
+                                                   s.images)[-1] for a in cands])
             kl, _ = bucket_kl_and_bound(rows, torch.from_numpy(ids).long(), torch.from_numpy(lps))
             if weighting == "uniform":
                 u = 1 / len(cands)
@@ -126,7 +123,7 @@ def test_attention_target_equals_eager_attention(world, examples):
         for b, e in enumerate(examples):
             s = e.student
             with torch.no_grad():
-                att = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values,
+                att = model(input_ids=s.input_ids[None], pixel_values=pixels(s),
                             output_attentions=True).attentions[1][0].double().mean(0)  # [T, T], layer 1
             a = att[s.instruction_positions][:, s.vision_positions].mean(0)
             a = (a / a.sum()).clamp_min(1e-8)
@@ -188,10 +185,11 @@ def test_student_with_another_vision_grid(world, examples):
     for name in ("sft", "kd", "tpa"):
         assert got[name][1] == ref[name][1]
         assert got[name][0] == pytest.approx(ref[name][0], rel=REF_RTOL), name
-    with pytest.raises(AlignTIError, match=r"vision-token count to equal the teacher's.*n_v=16 per image, the "
-                                           r"student 4.*--iva-weight 0"):
-        check_iva_compatible(ex, 4)
-    check_iva_compatible(cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)[0], 16)
+    with pytest.raises(AlignTIError, match=r"vision-token count to equal the teacher's: sample [0-9a-f]{32} \(source "
+                                           r"'shapes-\d+'\) has n_v=16 in the cache, the student gives its image 4.*"
+                                           r"--iva-weight 0"):
+        check_iva_compatible(ex)
+    check_iva_compatible(cache_examples(CacheReader.open(world.cache), world.student_encoder(), None)[0])
     with pytest.raises(ValueError, match="IVA needs the student's vision-token count"):  # a second line of defence
         _batch(world, ex, LossConfig("alignti"))
 
@@ -232,13 +230,13 @@ def test_corpus_examples_for_sft(world):
     cfg = LossConfig("sft")
     got = _values(objective_terms(world.student, _batch(world, ex, cfg), cfg))
     assert set(got) == {"sft"}
-    ref = -sum(float(_plain_logprobs(world.student, e.student.input_ids, e.student.pixel_values)[
+    ref = -sum(float(reference_logprobs(world.student, e.student.input_ids, e.student.images)[
         e.student.resp_positions, e.student.input_ids[e.student.resp_positions + 1]].sum()) for e in ex)
     assert got["sft"][0] == pytest.approx(ref, rel=REF_RTOL)
     with pytest.raises(ValueError, match=r"need teacher signals from a cache"):
         _batch(world, ex, LossConfig("kd"))
     with pytest.raises(AlignTIError, match="no sample has IVA signals"):
-        check_iva_compatible(examples, 16)
+        check_iva_compatible(examples)
 
 
 def test_padded_mass_and_out_of_vocab_candidates(world, examples):

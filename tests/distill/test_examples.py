@@ -14,11 +14,12 @@ import torch
 import alignti.data.corpus
 import alignti.data.encode
 from alignti.data.corpus import Reject, read_corpus
+from alignti.data.images import ImageInputs
 from alignti.data.encode import SampleEncoder
 from alignti.distill import memo, train
 from alignti.distill.examples import DistillExample, cache_examples, check_iva_compatible, corpus_examples
 from alignti.errors import AlignTIError
-from alignti.models.tiny import TinySpec, build_tiny_llava
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.reader import CacheReader
 from tests.distill.worlds import distill_config, make_signal_world, read_log, run_world, student_model, weights
@@ -52,6 +53,9 @@ def assert_same_example(a, b) -> None:
         x, y = getattr(a.student, name), getattr(b.student, name)
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, y), name
+        elif isinstance(x, ImageInputs):
+            assert (x.n_v, x.grids, x.tensors.keys()) == (y.n_v, y.grids, y.tensors.keys()), name
+            assert all(torch.equal(x.tensors[k], y.tensors[k]) for k in x.tensors), name
         elif isinstance(x, np.ndarray):
             assert np.array_equal(x, y), name
         else:
@@ -104,10 +108,8 @@ def test_cache_set_equals_the_reference_join_and_loads_images_on_demand(world, m
     assert_same_example(examples[-1], ref[-1])
     with pytest.raises(IndexError):
         examples.get_many([6])
-    assert examples.has_text_only == any(e.student.pixel_values is None for e in ref)
-    check_iva_compatible(examples, 16)
-    with pytest.raises(AlignTIError, match=r"n_v=16 per image, the student 4"):
-        check_iva_compatible(examples, 4)
+    assert examples.has_text_only == any(e.student.images is None for e in ref)
+    check_iva_compatible(examples)
 
 
 def test_corpus_set_equals_the_reference_and_loads_no_image_at_start(world, monkeypatch):
@@ -121,17 +123,20 @@ def test_corpus_set_equals_the_reference_and_loads_no_image_at_start(world, monk
     assert loads.calls == 1
     assert [e.student.sample_id for e in examples.get_many(range(len(examples)))] == [e.student.sample_id for e in ref]
     with pytest.raises(AlignTIError, match="no sample has IVA signals"):
-        check_iva_compatible(examples, 16)
+        check_iva_compatible(examples)
 
 
 def test_another_vision_grid_gives_the_same_lengths(world):
     _, processor = student_model(TinySpec(text_family="qwen3", patch=16, seed=2))
     ref, _ = cache_reference(world, SampleEncoder(processor, None, 512))
     examples, _ = cache_set(world, SampleEncoder(processor, None, 512))
-    assert examples.encoder.vision_tokens == 4 and examples.lengths == [e.student.length for e in ref]
+    assert {s[2:] for s in examples.iva_samples()} == {(16, 4)}  # (teacher, student) n_v
+    assert examples.lengths == [e.student.length for e in ref]
     assert_same_example(examples[0], ref[0])
-    with pytest.raises(AlignTIError, match=r"n_v=16 per image, the student 4.*--iva-weight 0"):
-        check_iva_compatible(examples, 4)
+    first = examples.iva_samples()[0]
+    with pytest.raises(AlignTIError, match=rf"^IVA needs .*: sample {first[0]} \(source {first[1]!r}\) has n_v=16 "
+                                           r"in the cache, the student gives its image 4; use --iva-weight 0"):
+        check_iva_compatible(examples)
 
 
 def test_too_long_and_missing_images_are_rejects_at_start(world, tmp_path):
@@ -186,9 +191,11 @@ def test_an_image_changed_or_corrupt_since_extraction_is_skipped_and_named(world
     assert examples.get_many([0, 2]) == [] and examples.first_usable().student.source_id == rows[1]["id"]
 
 
-def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path, capsys):
-    """A run whose images turn out corrupt when first used: they are skipped, named once, counted in
-    the summary; a micro-batch left with no usable sample is a zero-weighted stand-in."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path, capsys, workers):
+    """A run whose images turn out corrupt when first used: they are skipped, named once (by the main
+    process, also when loader workers found them), counted in the summary; a micro-batch left with
+    no usable sample is a zero-weighted stand-in."""
     import shutil
 
     w = run_world(tmp_path_factory)
@@ -198,13 +205,14 @@ def test_training_skips_and_reports_unusable_samples(tmp_path_factory, tmp_path,
     for row in rows[:3]:
         (root / row["image"]).write_bytes(b"broken")
     base = dict(student=str(w.student), cache=str(w.cache), image_root=str(root), recipe="alignti", lr=1e-3,
-                batch_size=1, max_steps=24, save_every=0, progress=False, seed=7)
+                batch_size=1, epochs=2, max_steps=30, save_every=0, progress=False, seed=7,
+                num_workers=workers)
     summary = train.run_distill(distill_config(out=str(tmp_path / "run"), **base))
-    assert summary["steps"] == 24 and summary["rejects"] == {"corrupt_image": 3}
+    assert summary["steps"] == 30 and summary["rejects"] == {"corrupt_image": 3}  # 1.25 epochs
     out = capsys.readouterr().out + capsys.readouterr().err
     assert all(out.count(f"skipping source {row['id']!r} (corrupt_image") == 1 for row in rows[:3])
     log = read_log(tmp_path / "run")
-    assert sum(r["tokens"] == 0 for r in log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    assert sum(r["tokens"] == 0 for r in log[:24]) == 3 and all(np.isfinite(r["loss"]) for r in log)
 
 
 class ReferenceSet(list):
@@ -218,13 +226,13 @@ class ReferenceSet(list):
 
     @property
     def has_text_only(self) -> bool:
-        return any(e.student.pixel_values is None for e in self)
+        return any(e.student.images is None for e in self)
 
-    def get_many(self, indices):
-        return [self[i] for i in indices]
+    def fetch(self, indices):
+        return {i: self[i] for i in indices}
 
     def iva_samples(self):
-        return [(e.signals.sample_id, e.signals.n_v, e.student.n_v) for e in self
+        return [(e.signals.sample_id, e.signals.source_id, e.signals.n_v, e.student.n_v) for e in self
                 if e.signals is not None and e.signals.saliency.size]
 
 

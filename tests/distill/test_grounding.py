@@ -19,8 +19,10 @@ from alignti.distill.config import LossConfig
 from alignti.distill.objective import Objective
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from tests.distill.worlds import distill_config, read_log, run_world
+from tests.helpers.models import pixels
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_question_boxes_reads_per_turn_annotations():
 
 
 def test_grounding_targets_of_a_shapes_corpus(world):
-    processor = load_processor(world.student)
+    processor = load_parts(world.student)
     encoder = SampleEncoder(processor, str(world.shapes), 256)
     seen = 0
     for row in read_corpus(str(world.corpus)):
@@ -74,7 +76,7 @@ def _eager_reference(model, examples, layer: int) -> tuple[float, int]:
         if g is None:
             continue
         with torch.no_grad():
-            out = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, output_attentions=True)
+            out = model(input_ids=s.input_ids[None], pixel_values=pixels(s), output_attentions=True)
         att = out.attentions[layer][0].double()  # [H, T, T]
         a = att[:, s.instruction_positions][:, :, s.vision_positions].mean(dim=(0, 1))  # [n_v]
         a = a / a.sum()
@@ -88,7 +90,7 @@ def _eager_reference(model, examples, layer: int) -> tuple[float, int]:
 
 def test_ground_term_equals_eager_attention_and_trains_only_layers_up_to_it(world):
     model = load_model(world.student).double()  # 2 LM layers
-    processor = load_processor(world.student)
+    processor = load_parts(world.student)
     examples, _ = corpus_examples(str(world.corpus), SampleEncoder(processor, str(world.shapes), 256))
     examples = examples.get_many(range(8))
     cfg = LossConfig("sft", ground_weight=1.0, ground_layer=0)

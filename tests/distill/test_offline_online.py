@@ -71,7 +71,7 @@ def student_rows(model, batch, rows: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, **kw)[0]
+                             **batch.images, **kw)[0]
         return model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[rows])
 
 

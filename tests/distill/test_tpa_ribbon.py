@@ -17,12 +17,14 @@ import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
+from alignti.data.images import ImageInputs
 from alignti.data.encode import IGNORE_INDEX, EncodedSample
 from alignti.distill.batches import build_distill_batch
 from alignti.distill.config import LossConfig
 from alignti.distill.examples import DistillExample
 from alignti.distill.objective import Objective
 from alignti.storage.schema import SampleSignals
+from tests.helpers.models import pixels
 
 V, IMG, PAD, N_V = 12, 11, 0, 16
 
@@ -52,7 +54,9 @@ def encoded(sid: str, ids: list[int], n_labels: int, pixel_values: torch.Tensor 
     vision = (x == IMG).nonzero().flatten()
     text = np.asarray([t for i, t in enumerate(ids) if t != IMG or i == int(vision[0])] if vision.numel() else ids,
                       np.int32)
-    return EncodedSample(sid, sid, "", "", text, x, labels, vision, torch.tensor([1]), pixel_values, int(vision.numel()),
+    n_v = int(vision.numel())
+    images = None if pixel_values is None else ImageInputs({"pixel_values": pixel_values}, (n_v,), ((1, n_v),))
+    return EncodedSample(sid, sid, "", "", text, x, labels, vision, torch.tensor([1]), images, n_v,
                          np.array([[len(ids) - n_labels, len(ids)]], np.int32), {})
 
 
@@ -68,10 +72,10 @@ def step_rows(model, s: EncodedSample) -> dict[int, torch.Tensor]:
     (undefined: an extra image token) is NaN and must never be used."""
     out = {}
     for t in s.resp_positions.tolist():
-        alts = [a for a in range(V) if not (a == IMG and s.pixel_values is not None)]
+        alts = [a for a in range(V) if not (a == IMG and s.images is not None)]
         prefixes = torch.stack([torch.cat([s.input_ids[: t + 1], torch.tensor([a])]) for a in alts])
         rows = torch.full((V, V), float("nan"), dtype=torch.float64)
-        rows[alts] = next_logprobs(model, prefixes, s.pixel_values)
+        rows[alts] = next_logprobs(model, prefixes, pixels(s))
         out[t] = rows
     return out
 
@@ -80,7 +84,7 @@ def teacher_signals(teacher, s: EncodedSample, rows: dict[int, torch.Tensor]) ->
     """Hand-built cache entry: every step, all V - 1 alternatives, full rows (k = k_t = V)."""
     resp = s.resp_positions
     with torch.no_grad():
-        lp = torch.log_softmax(teacher(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0].float(), -1)
+        lp = torch.log_softmax(teacher(input_ids=s.input_ids[None], pixel_values=pixels(s)).logits[0].float(), -1)
     top_lp, top_ids = lp[resp].sort(-1, descending=True)
     cands, cand_lps, rows_ids, rows_lps = [], [], [], []
     for t in resp.tolist():
@@ -112,7 +116,7 @@ def brute_force(world: dict, names: list[str], weighting: str, batch_has_image: 
         for t in s.resp_positions.tolist():
             y = int(s.input_ids[t + 1])
             proposer = world["student"] if weighting == "student" else world["teacher"]
-            p_t = next_logprobs(proposer, s.input_ids[None, : t + 1], s.pixel_values)[0].exp()
+            p_t = next_logprobs(proposer, s.input_ids[None, : t + 1], pixels(s))[0].exp()
             num = den = 0.0
             for a in range(V):
                 if a == y or (a == IMG and batch_has_image):

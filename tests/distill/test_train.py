@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from alignti.data.batching import collate
 from alignti.cliargs import leaves
@@ -20,7 +20,8 @@ from alignti.distill.config import DistillConfig
 from alignti.distill.order import epoch_micro_batches, lr_factor, rank_share, split_steps
 from alignti.distill.train import run_distill
 from alignti.errors import AlignTIError
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import load_parts, save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from tests.distill.worlds import distill_config, generate_once, read_log, run_world, weights
 
@@ -79,7 +80,7 @@ def test_recipe_trains_on_a_fixed_batch_and_reloads(world, tmp_path, recipe, ter
     assert summary["final_losses"]["loss"] == pytest.approx(log[-1]["loss"])
     # step 1's L_sft is the mean cross-entropy over the batch's labelled tokens: the HF loss
     start = AutoModelForImageTextToText.from_pretrained(world.student).eval()
-    proc = AutoProcessor.from_pretrained(world.student, backend="pil")
+    proc = load_parts(world.student)
     from alignti.data.encode import SampleEncoder
     from alignti.distill.examples import cache_examples
     from alignti.storage.reader import CacheReader
@@ -88,7 +89,7 @@ def test_recipe_trains_on_a_fixed_batch_and_reloads(world, tmp_path, recipe, ter
     batch = collate([e.student for e in examples], proc.tokenizer.pad_token_id)
     with torch.no_grad():
         ref = start(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    pixel_values=batch.pixel_values, labels=batch.labels).loss
+                    **batch.images, labels=batch.labels).loss
     assert log[0]["sft"] == pytest.approx(float(ref), rel=1e-5), log
     # the saved student reloads with the Auto classes, differs from the start and generates
     final = weights(out / "final")

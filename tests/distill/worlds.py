@@ -32,7 +32,8 @@ from alignti.distill.objective import Objective, probe_layers
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import HfTeacher
 from alignti.models.fingerprint import fingerprint_model_dir
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.schema import CacheManifest, CacheSettings, SampleSignals
 from alignti.storage.writer import CacheWriter

@@ -12,17 +12,18 @@ from alignti.data.corpus import CorpusRow
 from alignti.data.encode import IGNORE_INDEX, SampleEncoder
 from alignti.eval.formats import EvalQuestion
 from alignti.eval.generate import (
-    MAX_NEW_TOKENS, append_answers, chat_prompt, default_max_new_tokens, generate_batch, make_generator,
-    repair_answers_tail, stop_token_ids,
+    MAX_NEW_TOKENS, append_answers, default_max_new_tokens, generate_batch, make_generator, repair_answers_tail,
+    stop_token_ids, user_turn,
 )
 from alignti.eval.run import EvalConfig, run_eval
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.models.tokenizer import IM_END
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir), load_processor(tiny_model_dir)
+    return load_model(tiny_model_dir), load_parts(tiny_model_dir)
 
 
 def _image_root(tmp_path):
@@ -62,11 +63,15 @@ def test_prompt_ids_equal_the_training_encoding_up_to_the_answer(tiny, tmp_path,
     sample = SampleEncoder(processor, str(root)).encode(CorpusRow("1", image, (("user", user), ("assistant", "red"))))
     first_label = int((sample.labels != IGNORE_INDEX).nonzero()[0])
     gen = make_generator(model, processor, max_new_tokens=2)
-    images = [Image.open(root / image).convert("RGB")] if image else None
-    ids = processor(text=[chat_prompt(gen.encoder, question)], images=images, return_tensors="pt",
-                    add_special_tokens=False)["input_ids"][0]
-    assert ids.tolist() == sample.input_ids[:first_label].tolist()
-    assert int((ids == gen.encoder.image_token_id).sum()) == sample.n_v == (16 if image else 0)  # (32 / 8)^2
+    loaded = Image.open(root / image).convert("RGB") if image else None
+    prompt = gen.encoder.encode_prompt("1", user_turn(question), loaded)
+    assert prompt.input_ids.tolist() == sample.input_ids[:first_label].tolist()
+    assert (prompt.labels == IGNORE_INDEX).all() and prompt.n_v == sample.n_v == (16 if image else 0)  # (32 / 8)^2
+    # and the LLaVA processor's own expansion of the rendered prompt gives the same ids
+    text = gen.encoder.render((("user", user_turn(question)),), add_generation_prompt=True)
+    ids = processor.settings["processor"](text=[text], images=[loaded] if image else None, return_tensors="pt",
+                                          add_special_tokens=False)["input_ids"][0]
+    assert ids.tolist() == prompt.input_ids.tolist()
 
 
 def test_stop_tokens_include_the_templates_end_of_turn(tiny):
@@ -74,7 +79,7 @@ def test_stop_tokens_include_the_templates_end_of_turn(tiny):
     gen = make_generator(model, processor, max_new_tokens=2)
     im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
     assert stop_token_ids(gen.encoder, model) == (im_end,)  # eos is <|im_end|> too: listed once
-    assert gen.pad_id == processor.tokenizer.pad_token_id and processor.tokenizer.padding_side == "left"
+    assert gen.pad_id == processor.tokenizer.pad_token_id
 
 
 def test_left_padded_batch_equals_one_question_at_a_time(tiny, tmp_path):
@@ -90,6 +95,40 @@ def test_left_padded_batch_equals_one_question_at_a_time(tiny, tmp_path):
     assert all(t == t.strip() for t in batched)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_left_padded_batch_equals_one_question_at_a_time(tmp_path, family):
+    """M-RoPE under left padding: images of two sizes, and a batch of text-only questions."""
+    from alignti.models.family import get_family
+    from tests.helpers.models import sharpen, tokenizer
+
+    root = _image_root(tmp_path)
+    Image.new("RGB", (80, 48), (0, 0, 255)).save(root / "wide.png")
+    fam = get_family(family)
+    model, parts = fam.build_random(fam.random_spec({"patch": 8}), tokenizer())
+    with torch.no_grad():  # never predict the image token (a real VLM does not; fed back it has no image)
+        sharpen(model).get_output_embeddings().weight[model.config.image_token_id] = 0.0
+    gen = make_generator(model, parts, max_new_tokens=5)
+    mixed = [_q("1", "What colour is the square?", "red.png"),
+             _q("2", "Is there a green triangle in the picture? yes no", None), _q("3", "Describe.", "wide.png")]
+    text = [_q("4", "What?", None), _q("5", "Is there a green triangle in the picture? yes no", None)]
+    for questions in (mixed, text):
+        assert generate_batch(gen, questions, root) == [generate_batch(gen, [q], root)[0] for q in questions]
+    # generate runs M-RoPE: its greedy tokens equal full forwards of the growing sequence, positions the
+    # model's own (without mm_token_type_ids generate would silently number the tokens 1-D)
+    from alignti.models.family import family_of
+    from tests.helpers.families import own_inputs
+
+    for q in (mixed[0], mixed[2]):
+        sample = gen.encoder.encode_prompt(q.question_id, user_turn(q), Image.open(root / q.image).convert("RGB"))
+        inputs = family_of(model.config).generation_inputs(model, collate([sample], gen.pad_id, "left"))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=gen.pad_id)[0]
+            ids = sample.input_ids
+            for _ in range(4):
+                ids = torch.cat([ids, model(**own_inputs(model, ids, sample.images)).logits[0, -1:].argmax(-1)])
+        assert out.tolist() == ids.tolist()
+
+
 def test_repair_tail(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "te')  # killed mid-line
@@ -103,7 +142,8 @@ def test_repair_tail(tmp_path):
 
 def _train_to_answer(tmp_path, cases):
     """A tiny model overfitted, through the training tokenisation path, to answer `cases`."""
-    from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+    from alignti.models.family import save_model_dir
+    from alignti.models.llava import TinySpec, build_tiny_llava
     from alignti.models.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([q + " " + a for _, q, a in cases] * 8, vocab_size=280)
@@ -117,7 +157,7 @@ def _train_to_answer(tmp_path, cases):
     model.train()
     for _ in range(40):
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     pixel_values=batch.pixel_values, labels=batch.labels).loss
+                     **batch.images, labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

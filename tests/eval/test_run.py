@@ -13,6 +13,7 @@ from PIL import Image
 
 import alignti.eval.generate as generate_mod
 import alignti.eval.run as run_mod
+from alignti.cliargs import build, read_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, SHORT_ANSWER
 from alignti.eval.questions import load_questions
@@ -244,7 +245,9 @@ def test_scoring_only_needs_no_model(tmp_path, monkeypatch):
                       "metadata": {}},
                      {"question_id": "202", "prompt": "p", "text": "The table", "model_id": "llava"},
                      {"question_id": "203", "prompt": "p", "text": "left", "model_id": "llava"}])
-    res = run_eval(EvalConfig(out=str(tmp_path / "out"), benchmark="gqa", questions=str(qfile), answers=str(answers)))
+    cfg = EvalConfig(out=str(tmp_path / "out"), benchmark="gqa", questions=str(qfile), answers=str(answers))
+    res = run_eval(cfg)
+    assert build(EvalConfig, read_run_file(tmp_path / "out" / "eval.yaml")) == cfg  # the run's options
     # "yes." -> "yes" right; "the table" != "table"; "left" right -> 2 of 3
     assert res["score"] == pytest.approx(200 / 3) and res["model_id"] == "llava" and res["generated"] == 0
     res = run_eval(EvalConfig(out=str(tmp_path / "out2"), benchmark="gqa", questions=str(qfile),
@@ -323,7 +326,9 @@ def test_report_over_score_dirs(tmp_path, capsys):
         _scores_dir(tmp_path, "teacher", "gqa", ["yes", "no"], "lmms-eval"),     # 1 of 3 (one unanswered)
         _scores_dir(tmp_path, "student", "pope", ["yes", "no", "no"], limit=2),  # 2 of 2, limited
     ]
-    report = run_eval(EvalConfig(out=str(tmp_path / "cmp"), report=True, dirs=[str(d) for d in dirs]))
+    cfg = EvalConfig(out=str(tmp_path / "cmp"), report=True, dirs=[str(d) for d in dirs])
+    report = run_eval(cfg)
+    assert build(EvalConfig, read_run_file(tmp_path / "cmp" / "eval.yaml")) == cfg
     assert report["columns"] == ["GQA", "GQA (lmms-eval)", "POPE"]
     assert report["models"] == ["student", "teacher"]
     assert report["table"]["student"] == pytest.approx({"GQA": 200 / 3, "POPE": 100.0})

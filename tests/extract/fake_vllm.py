@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from tests.helpers.families import own_inputs
+
 
 @dataclass
 class Logprob:  # vllm.logprobs.Logprob
@@ -40,10 +42,11 @@ def _entry(logp: torch.Tensor, n: int, actual: int) -> dict[int, Logprob]:
 
 
 class FakeLLM:
-    """`LLM.generate` computed by `model` (fp32, one prompt at a time) with `processor`'s pixels."""
+    """`LLM.generate` computed by `model` (fp32, one prompt at a time) with the images processed by `parts`
+    (its `ModelParts`) and the model's own positions (vLLM computes Qwen-VL's M-RoPE itself)."""
 
-    def __init__(self, model, processor, max_logprobs: int) -> None:
-        self.model, self.processor, self.max_logprobs = model.eval(), processor, max_logprobs
+    def __init__(self, model, parts, max_logprobs: int) -> None:
+        self.model, self.parts, self.max_logprobs = model.eval(), parts, max_logprobs
         self.requests = 0
 
     @torch.inference_mode()
@@ -56,11 +59,10 @@ class FakeLLM:
     def _one(self, prompt: dict, params: SamplingParams) -> SimpleNamespace:
         self.requests += 1
         ids = torch.tensor(prompt["prompt_token_ids"])[None]
-        kw = {}
+        images = None
         if "multi_modal_data" in prompt:
-            kw["pixel_values"] = self.processor.image_processor(prompt["multi_modal_data"]["image"],
-                                                                return_tensors="pt")["pixel_values"]
-        logp = torch.log_softmax(self.model(input_ids=ids, **kw).logits[0].float(), -1)  # [T, V]
+            images = self.parts.encode_images([prompt["multi_modal_data"]["image"]])
+        logp = torch.log_softmax(self.model(**own_inputs(self.model, ids[0], images)).logits[0].float(), -1)  # [T, V]
         plp = None
         if params.prompt_logprobs is not None:
             plp = [None] + [_entry(logp[i - 1], params.prompt_logprobs, int(ids[0, i])) for i in range(1, ids.shape[1])]

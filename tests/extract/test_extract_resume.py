@@ -23,7 +23,7 @@ import pytest
 import zarr
 
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.tiny import save_model_dir
+from alignti.models.family import save_model_dir
 from tests.helpers.models import shapes_teacher
 
 REPO = Path(__file__).resolve().parents[2]

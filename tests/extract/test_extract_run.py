@@ -11,8 +11,8 @@ from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.extract.irs import calibration_samples, compute_irs
 from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import save_model_dir
+from alignti.models.family import load_parts, save_model_dir
+from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP
 from tests.helpers.models import shapes_teacher
@@ -80,7 +80,7 @@ def test_full_run_records_every_reject_kind(world, tmp_path):
     assert len(r.rejects()) == 7
     # IRS scores are stored exactly (JSON floats round-trip), so l* can be re-derived from cache.json
     root, teacher, shapes = world
-    model, processor = load_model(str(teacher)), load_processor(str(teacher))
+    model, processor = load_model(str(teacher)), load_parts(str(teacher))
     calib = calibration_samples(SampleEncoder(processor, str(shapes), 160), str(root / "corpus.jsonl"), 8)
     scores = compute_irs(model, calib, processor.tokenizer.pad_token_id, batch_size=4)
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["settings"]["irs_scores"] == scores.tolist()

@@ -8,12 +8,14 @@ import torch
 
 from alignti.data.corpus import read_corpus
 from alignti.data.encode import SampleEncoder
+from alignti.cliargs import build, read_run_file
 from alignti.errors import AlignTIError
 from alignti.extract.irs import IrsConfig, calibration_samples, compute_irs, run_irs
 from alignti.models.probe import probe_targets
-from alignti.models.loading import load_model, load_processor
-from alignti.models.tiny import save_model_dir
-from tests.helpers.models import shapes_teacher
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
+from alignti.models.family import save_model_dir
+from tests.helpers.models import shapes_teacher, pixels
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +30,16 @@ def world(tmp_path_factory):
 
 def test_irs_equals_direct_computation_from_eager_attentions(world):
     teacher, shapes = world
-    model, processor = load_model(teacher), load_processor(teacher)
+    model, processor = load_model(teacher), load_parts(teacher)
     enc = SampleEncoder(processor, str(shapes), 512)
     samples = [enc.encode(r) for r in read_corpus(shapes / "train.json")][:6]
     got = compute_irs(model, samples, processor.tokenizer.pad_token_id, batch_size=4)
     model.set_attn_implementation({"text_config": "eager"})
-    queries, keys = probe_targets(tuple(samples), samples[0].n_v)
+    queries, keys = probe_targets(tuple(samples))
     alphas = []  # [S][L] vectors over the vision tokens
     for s, q, k in zip(samples, queries, keys):
         with torch.no_grad():
-            att = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, output_attentions=True).attentions
+            att = model(input_ids=s.input_ids[None], pixel_values=pixels(s), output_attentions=True).attentions
         per_layer = []
         for a in att:
             v = a[0].double().mean(0)[q][:, k].mean(0)
@@ -52,15 +54,17 @@ def test_irs_equals_direct_computation_from_eager_attentions(world):
 def test_irs_command_writes_scores_and_plot(world, tmp_path):
     teacher, shapes = world
     out = tmp_path / "irs.json"
-    res = run_irs(IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes),
-                            out=str(out), samples=8, batch_size=4))
+    cfg = IrsConfig(teacher=str(teacher), data=str(shapes / "train.json"), image_root=str(shapes), out=str(out),
+                    samples=8, batch_size=4)
+    res = run_irs(cfg)
     saved = json.loads(out.read_text())
     assert saved == res and len(saved["scores"]) == 3 and saved["num_samples"] == 8
     assert saved["layer"] == max(range(3), key=lambda i: saved["scores"][i])
-    model, processor = load_model(teacher), load_processor(teacher)
+    model, processor = load_model(teacher), load_parts(teacher)
     samples = calibration_samples(SampleEncoder(processor, str(shapes), 2048), str(shapes / "train.json"), 8)
     assert saved["scores"] == compute_irs(model, samples, processor.tokenizer.pad_token_id, 4).tolist()  # exact
     assert out.with_suffix(".png").stat().st_size > 0
+    assert build(IrsConfig, read_run_file(out.with_suffix(".yaml"))) == cfg  # `alignti irs --config irs.yaml`
 
 
 def test_irs_command_needs_two_usable_samples(world, tmp_path, monkeypatch):

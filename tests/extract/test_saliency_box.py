@@ -20,7 +20,7 @@ from alignti.data.corpus import parse_row
 from alignti.data.encode import SampleEncoder
 from alignti.demo.saliency import box_mass
 from alignti.extract.teacher import HfTeacher
-from alignti.models.tiny import TinySpec, build_tiny_llava
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 from alignti.storage.schema import CacheSettings
 

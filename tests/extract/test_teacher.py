@@ -10,16 +10,18 @@ from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.extract.teacher import HfTeacher
 from alignti.extract.teacher_output import ResponseRows, TeacherOutput, to_sample_signals
 from alignti.models.probe import probe_targets
-from alignti.models.loading import load_model, load_processor
+from alignti.models.family import load_parts
+from alignti.models.loading import load_model
 from alignti.storage.schema import CacheSettings
 from alignti.storage.validation import validate_sample
+from tests.helpers.models import pixels
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     run_shapes(ShapesConfig(out=str(root), n=8, seed=3))
-    processor = load_processor(tiny_model_dir)
+    processor = load_parts(tiny_model_dir)
     enc = SampleEncoder(processor, str(root), 512)
     samples = [enc.encode(r) for r in read_corpus(root / "train.json")][:3]
     model = load_model(tiny_model_dir)
@@ -39,7 +41,7 @@ def test_signals_equal_brute_force(setup, proposal):
     out = HfTeacher(model, settings, pad, chunk_size=7)(collate(samples, pad))
     for s, sig in zip(samples, out):
         with torch.no_grad():
-            ref = torch.log_softmax(model(input_ids=s.input_ids[None], pixel_values=s.pixel_values)
+            ref = torch.log_softmax(model(input_ids=s.input_ids[None], pixel_values=pixels(s))
                                     .logits[0].double(), -1)
         resp = s.resp_positions
         assert sig.resp_positions.tolist() == resp.tolist()
@@ -60,7 +62,7 @@ def test_signals_equal_brute_force(setup, proposal):
             for a, ids_a, lps_a in zip(cands.tolist(), tids, tlps):  # separate forward of (y_<=t, a)
                 seq = torch.cat([s.input_ids[: t + 1], torch.tensor([a])])[None]
                 with torch.no_grad():
-                    row = torch.log_softmax(model(input_ids=seq, pixel_values=s.pixel_values).logits[0, -1].double(), -1)
+                    row = torch.log_softmax(model(input_ids=seq, pixel_values=pixels(s)).logits[0, -1].double(), -1)
                 v, i = row.topk(5)
                 assert ids_a.tolist() == i.tolist()
                 assert torch.allclose(torch.from_numpy(lps_a).double(), v, atol=1e-4)
@@ -80,10 +82,10 @@ def test_saliency_equals_eager_attentions(setup):
     out = HfTeacher(model, settings, pad)(collate(samples, pad))
     model.set_attn_implementation({"text_config": "eager"})
     try:
-        queries, keys = probe_targets(tuple(samples), samples[0].n_v)
+        queries, keys = probe_targets(tuple(samples))
         for s, sig, q, k in zip(samples, out, queries, keys):
             with torch.no_grad():
-                att = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, output_attentions=True).attentions[1]
+                att = model(input_ids=s.input_ids[None], pixel_values=pixels(s), output_attentions=True).attentions[1]
             alpha = att[0].double().mean(0)[q][:, k].mean(0)
             alpha = alpha / alpha.sum()
             assert torch.allclose(torch.from_numpy(sig.saliency).double(), alpha, atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast, ProcessorMixin
 
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.models.tiny import TinySpec, build_tiny_llava
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import train_tokenizer
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -66,6 +66,11 @@ def make_sequence(model: LlavaForConditionalGeneration, prefix: int, suffix: int
 def pixel_values(batch: int, model: LlavaForConditionalGeneration, seed: int = 0) -> torch.Tensor:
     size = model.config.vision_config.image_size
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def pixels(sample) -> torch.Tensor | None:
+    """An encoded LLaVA sample's pixel_values [1, 3, H, W] (None for text-only)."""
+    return None if sample.images is None else sample.images.tensors["pixel_values"]
 
 
 def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -252,3 +252,39 @@ def test_assemble_random_teacher_and_student_share_tokenizer(tmp_path):
     with torch.no_grad():
         logits = model(**ps(images=_image(0), text=f"{IMAGE_TOKEN}{text}", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_assemble_random_qwen_vl_teacher_and_student(tmp_path, family):
+    """Qwen-VL students share the teacher's tokenizer and template; the fingerprint's vision rule follows
+    the image processor's resolution settings (no fixed n_vision_tokens: it varies per image)."""
+    corpus = tmp_path / "train.jsonl"
+    _write_corpus(corpus, jsonl=True)
+    teacher = run_assemble(AssembleConfig(out=str(tmp_path / "t"), random=True, family=family, corpus=str(corpus),
+                                          vocab_size=300))
+    student = run_assemble(AssembleConfig(out=str(tmp_path / "s"), random=True, family=family,
+                                          tokenizer_from=str(teacher), hidden=32, layers=1, seed=3))
+    other = run_assemble(AssembleConfig(out=str(tmp_path / "o"), random=True, family=family,
+                                        tokenizer_from=str(teacher), hidden=32, min_pixels=32 * 32, max_pixels=64 * 48))
+    ft, fs, fo = (fingerprint_model_dir(d) for d in (teacher, student, other))
+    assert tokenizer_compatible(ft, fs) is None and tokenizer_compatible(ft, fo) is None
+    assert ft["vision_grid"] == fs["vision_grid"] != fo["vision_grid"]
+    assert not {"n_vision_tokens"} & (set(ft) | set(fs))
+    model = AutoModelForImageTextToText.from_pretrained(student)
+    assert model.config.model_type == family and model.config.text_config.hidden_size == 32
+
+
+def test_assemble_family_options_are_checked_before_anything_is_written(tmp_path):
+    lm_dir, vision_dir = _save_lm(tmp_path, "qwen2", False, 0, True), _save_vision(tmp_path, "siglip")
+    corpus = tmp_path / "train.jsonl"
+    _write_corpus(corpus, jsonl=True)
+    with pytest.raises(AlignTIError, match="--llm/--vision assemble LLaVA models; --family qwen2_5_vl needs --random"):
+        run_assemble(AssembleConfig(out=str(tmp_path / "a"), llm=str(lm_dir), vision=str(vision_dir),
+                                    family="qwen2_5_vl"))
+    with pytest.raises(AlignTIError, match="head size"):
+        run_assemble(AssembleConfig(out=str(tmp_path / "b"), random=True, family="qwen3_vl", corpus=str(corpus),
+                                    hidden=24, heads=4, kv_heads=2))
+    with pytest.raises(AlignTIError, match="min_pixels"):
+        run_assemble(AssembleConfig(out=str(tmp_path / "c"), random=True, family="qwen2_vl", corpus=str(corpus),
+                                    min_pixels=100))
+    assert not any((tmp_path / n).exists() for n in "abc")

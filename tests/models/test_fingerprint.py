@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -17,7 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from alignti.errors import AlignTIError
 from alignti.models.fingerprint import fingerprint_model_dir, tokenizer_compatible
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import load_parts, save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import IMAGE_TOKEN, train_tokenizer
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -83,12 +85,12 @@ def test_stable_across_reload_resave_and_restart(model_dir, tmp_path):
     fp = fingerprint_model_dir(model_dir)
     assert fingerprint_model_dir(model_dir) == fp
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
-    assert fingerprint_model_dir(save_model_dir(model, processor, tmp_path / "resaved")) == fp
+    assert fingerprint_model_dir(save_model_dir(model, load_parts(model_dir), tmp_path / "resaved")) == fp
     code = ("import json, sys; from alignti.models.fingerprint import fingerprint_model_dir; "
             "print(json.dumps(fingerprint_model_dir(sys.argv[1])))")
     run = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True,
-                         env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "123", "PATH": ""})
+                         env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "123", "PATH": "",
+                              **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})
     assert json.loads(run.stdout.strip().splitlines()[-1]) == fp
 
 

@@ -125,12 +125,29 @@ def test_keep_graph_flows_gradients_to_the_probed_layer():
     assert not probe.result()[1].requires_grad  # default: detached, no graph kept
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_samples_may_request_different_key_counts(padding):
+    """Dynamic-resolution batches (Qwen-VL) key each sample on its own vision tokens: the result holds
+    sample b's n_b columns, each equal to the full request's, then zeros (normalised over its own)."""
+    model = tiny_model("qwen2", layers=2)
+    kwargs, queries, keys = _batch(model, padding)
+    ragged = [keys[0], keys[1][:-5], keys[2][3:]]
+    with torch.no_grad():
+        with probe_attention(model, [1], queries, keys) as full:
+            model(**kwargs)
+        with probe_attention(model, [1], queries, ragged) as probe:
+            model(**kwargs)
+    raw, norm, ref = probe.result()[1], probe.result(normalize=True)[1], full.result()[1]
+    assert raw.shape == (3, n_vision(model))
+    for b, cols in enumerate([slice(None), slice(None, -5), slice(3, None)]):
+        n = len(ragged[b])
+        assert torch.allclose(raw[b, :n], ref[b, cols], atol=1e-6) and bool((raw[b, n:] == 0).all())
+        assert torch.allclose(norm[b, :n], ref[b, cols] / ref[b, cols].sum(), atol=1e-6)
+
+
 def test_probe_rejects_bad_requests():
     model = tiny_model("qwen2", layers=2)
     kwargs, queries, keys = _batch(model, "right")
-    with pytest.raises(ValueError, match="same number of key"):
-        with probe_attention(model, [0], queries, [keys[0], keys[1][:-1], keys[2]]):
-            pass
     with pytest.raises(ValueError, match="layers"):
         with probe_attention(model, [5], queries, keys):
             pass

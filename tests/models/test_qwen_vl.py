@@ -1,5 +1,6 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL: save and reload, variable-size image batches, the probe
-against eager attentions, and the ribbon with M-RoPE positions against separate forwards."""
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL through the family adapter: save and reload, variable-size
+image batches, the probe against eager attentions (samples with different vision-token counts), and
+the ribbon with M-RoPE positions against separate forwards."""
 
 import functools
 import json
@@ -10,15 +11,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, DynamicCache
 
+from alignti.data.images import ImageInputs
 from alignti.errors import AlignTIError
+from alignti.models.family import family_of, get_family, load_parts, save_model_dir
 from alignti.models.probe import probe_attention, text_attn_implementation
+from alignti.models.qwen_vl_positions import gather_positions, image_token_ids, rope_positions
+from alignti.models.qwen_vl_tiny import CHAT_TEMPLATE, FAMILIES, VISION_TOKENS, QwenVLSpec
 from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
-from alignti.models.qwen_vl import (
-    CHAT_TEMPLATE, FAMILIES, VISION_TOKENS, ImageBatch, QwenVLSpec, build_tiny_qwen_vl, expected_vision_tokens,
-    image_token_ids, process_images, save_model_dir,
-)
-from alignti.models.qwen_vl_positions import gather_positions, rope_positions
-from alignti.models.qwen_vl_probe import drop_padded_keys, pad_keys
 from alignti.models.tokenizer import train_tokenizer
 from tests.helpers.models import pad_batch, sharpen
 
@@ -39,10 +38,10 @@ def base_tokenizer():
 
 def tiny(family, layers=2, attn="sdpa"):
     """fp32 eval-mode tiny model (hidden 64, GQA 4/2 heads), peaked attention, plus its parts."""
-    model, tok, ip = build_tiny_qwen_vl(QwenVLSpec(family=family, layers=layers), base_tokenizer())
+    model, parts = get_family(family).build_random(QwenVLSpec(family=family, layers=layers), base_tokenizer())
     sharpen(model)
     model.set_attn_implementation(attn)
-    return model, tok, ip
+    return model, parts
 
 
 def images(sizes, seed=0):
@@ -60,41 +59,44 @@ def sequence(model, prefix, n_v, suffix, seed):
     return torch.cat([pre, vision, post])
 
 
-def plain_inputs(model, seqs, image_batch, side="right"):
+def plain_inputs(model, seqs, images: ImageInputs, side="right"):
+    """The model's own inputs (it computes its M-RoPE positions from mm_token_type_ids)."""
     ids, mask, offsets = pad_batch(seqs, model.config.text_config.pad_token_id, side)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": image_batch.pixel_values,
-            "image_grid_thw": image_batch.image_grid_thw,
+    return {"input_ids": ids, "attention_mask": mask, **images.tensors,
             "mm_token_type_ids": image_token_ids(ids, model.config.image_token_id)}, offsets
 
 
-def chat_inputs(tok, model, image_batch):
+def chat_inputs(tok, model, images: ImageInputs):
     """Left-padded prompts with each image's tokens expanded as the processor does."""
     text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}],
                                    tokenize=False, add_generation_prompt=True)
     pad = VISION_TOKENS["image_token"]
-    seqs = [torch.tensor(tok(text.replace(pad, pad * n), add_special_tokens=False)["input_ids"])
-            for n in image_batch.num_vision_tokens]
-    return plain_inputs(model, seqs, image_batch, side="left")[0], text
+    seqs = [torch.tensor(tok(text.replace(pad, pad * n), add_special_tokens=False)["input_ids"]) for n in images.n_v]
+    return plain_inputs(model, seqs, images, side="left")[0], text
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_dir_reloads_and_generates_the_same(family, tmp_path):
-    model, tok, ip = tiny(family)
-    batch = process_images(ip, images(SIZES))
-    inputs, _ = chat_inputs(tok, model, batch)
-    gen = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    model, parts = tiny(family)
+    batch = parts.encode_images(images(SIZES))
+    inputs, _ = chat_inputs(parts.tokenizer, model, batch)
+    gen = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": parts.tokenizer.pad_token_id}
     with torch.no_grad():
         ref = model.generate(**inputs, **gen)
-    save_model_dir(model, tok, ip, tmp_path)
+    save_model_dir(model, parts, tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     tok2, ip2 = AutoTokenizer.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    assert type(loaded) is type(model) and loaded.config.model_type == family
+    assert type(loaded) is type(model) and loaded.config.model_type == family and family_of(loaded.config).name == family
     assert {name: getattr(tok2, name) for name in VISION_TOKENS} == VISION_TOKENS
     assert tok2.convert_tokens_to_ids(VISION_TOKENS["image_token"]) == loaded.config.image_token_id
     assert tok2.chat_template == CHAT_TEMPLATE
     settings = (ip2.size["shortest_edge"], ip2.size["longest_edge"], ip2.patch_size, ip2.merge_size)
     assert settings == (56**2, 112**2, 14, 2)
-    assert torch.equal(process_images(ip2, images(SIZES)).pixel_values, batch.pixel_values)
+    reloaded = load_parts(tmp_path)  # the product's loader: tokenizer + PIL image processor + template
+    assert reloaded.family is parts.family and reloaded.chat_template == CHAT_TEMPLATE
+    assert reloaded.image_token == VISION_TOKENS["image_token"] and reloaded.image_token_id == loaded.config.image_token_id
+    again = reloaded.encode_images(images(SIZES))
+    assert torch.equal(again.tensors["pixel_values"], batch.tensors["pixel_values"]) and again.n_v == batch.n_v
     with torch.no_grad():
         out = loaded.generate(**inputs, **gen)
     assert out.shape == (3, inputs["input_ids"].shape[1] + 5) and torch.equal(out, ref)
@@ -114,12 +116,12 @@ def test_autoprocessor_loads_the_dir_and_expands_as_we_do(family, tmp_path):
     pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need torchvision")
     from transformers import AutoProcessor
 
-    model, tok, ip = tiny(family)
-    save_model_dir(model, tok, ip, tmp_path)
+    model, parts = tiny(family)
+    save_model_dir(model, parts, tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)  # backend="pil" would ask for a PIL *video* processor
     processor.image_processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    batch = process_images(ip, images(SIZES))
-    ours, text = chat_inputs(tok, model, batch)
+    batch = parts.encode_images(images(SIZES))
+    ours, text = chat_inputs(parts.tokenizer, model, batch)
     theirs = processor(images=images(SIZES), text=[text] * 3, padding=True, padding_side="left", return_tensors="pt")
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(theirs[key], ours[key]), key
@@ -127,18 +129,20 @@ def test_autoprocessor_loads_the_dir_and_expands_as_we_do(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_batch_of_three_image_sizes(family):
-    model, _, ip = tiny(family)
-    batch = process_images(ip, images(SIZES))
-    assert batch.image_grid_thw.tolist() == GRIDS and batch.num_vision_tokens == TOKENS
-    assert [expected_vision_tokens(ip, w, h) for w, h in SIZES] == TOKENS  # what vLLM asks the processor
-    assert batch.pixel_values.shape == (4 * sum(TOKENS), 3 * 2 * 14 * 14)
-    singles = [process_images(ip, [im]) for im in images(SIZES)]
-    joined = ImageBatch.concat(singles)
-    assert torch.equal(joined.pixel_values, batch.pixel_values)
-    assert torch.equal(joined.image_grid_thw, batch.image_grid_thw)
-    assert all(torch.equal(a, s.pixel_values) for a, s in zip(batch.split(), singles))
+    model, parts = tiny(family)
+    batch = parts.encode_images(images(SIZES))
+    thw = batch.tensors["image_grid_thw"]
+    assert thw.tolist() == GRIDS and list(batch.n_v) == TOKENS
+    assert list(batch.grids) == [(2, 3), (2, 2), (3, 4)]  # merged tokens: rows, cols
+    assert [parts.vision_tokens(size) for size in SIZES] == TOKENS  # from the size alone, as vLLM asks
+    assert parts.vision_tokens(None) is None  # no fixed count
+    assert batch.tensors["pixel_values"].shape == (4 * sum(TOKENS), 3 * 2 * 14 * 14)
+    singles = [parts.encode_images([im]) for im in images(SIZES)]
+    joined = ImageInputs.concat(singles)
+    assert all(torch.equal(joined.tensors[k], batch.tensors[k]) for k in batch.tensors)
+    assert (joined.n_v, joined.grids) == (batch.n_v, batch.grids)
     with torch.no_grad():
-        feats = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output
+        feats = model.model.get_image_features(batch.tensors["pixel_values"], thw).pooler_output
         assert [f.shape[0] for f in feats] == TOKENS
         seqs = [sequence(model, 2 + b, n, 5 - b, seed=b) for b, n in enumerate(TOKENS)]
         inputs, _ = plain_inputs(model, seqs, batch)
@@ -166,9 +170,9 @@ PROBE_SHAPES = {"none": [(3, 1, 6), (3, 1, 6)], "left": [(3, 0, 6), (5, 2, 9), (
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_probe_matches_eager_attentions(family, padding):
-    model, _, ip = tiny(family, layers=3)
+    model, parts = tiny(family, layers=3)
     shapes = PROBE_SHAPES[padding]
-    batch = process_images(ip, images([SIZES[i] for _, i, _ in shapes]))
+    batch = parts.encode_images(images([SIZES[i] for _, i, _ in shapes]))
     seqs = [sequence(model, pre, TOKENS[i], post, seed=b) for b, (pre, i, post) in enumerate(shapes)]
     kwargs, offsets = plain_inputs(model, seqs, batch, side="left" if padding == "left" else "right")
     if padding == "none":
@@ -182,16 +186,14 @@ def test_probe_matches_eager_attentions(family, padding):
     # per layer and sample [n_keys_b]: averaged over heads and query rows
     ref = [[a[b][:, queries[b]][:, :, keys[b]].mean(dim=(0, 1)) for b in range(len(keys))] for a in attn]
     assert min(torch.cat(r).std().item() for r in ref) > 5e-3  # far from uniform, or a masking bug could hide
-    padded, valid = pad_keys(keys)
     with torch.no_grad():
         plain = model(**kwargs).logits
-        with probe_attention(model, [0, 2], queries, padded) as probe:
+        with probe_attention(model, [0, 2], queries, keys) as probe:  # each sample its own key count
             out = model(**kwargs)
     assert torch.equal(out.logits, plain)
     assert text_attn_implementation(model) == "sdpa" and model.config.vision_config._attn_implementation == "sdpa"
     for layer in (0, 2):
-        raw = drop_padded_keys(probe.result()[layer], valid)
-        norm = drop_padded_keys(probe.result()[layer], valid, normalize=True)
+        raw, norm = probe.result()[layer], probe.result(normalize=True)[layer]
         for b, r in enumerate(ref[layer]):
             n = len(keys[b])
             assert (raw[b, :n] - r).abs().max() <= 1e-5 and bool((raw[b, n:] == 0).all())
@@ -212,7 +214,7 @@ def _separate_rows(model, seqs, steps, cands, singles):
             gt.append(model(**plain_inputs(model, [seq], singles[b])[0]).logits[0])
             for i, t in enumerate(steps[b].tolist()):
                 rows = [torch.cat([seq[: t + 1], cands[b][i, j: j + 1]]) for j in range(D)]
-                one = ImageBatch.concat([singles[b]] * D)
+                one = ImageInputs.concat([singles[b]] * D)
                 cand.append(model(**plain_inputs(model, rows, one)[0]).logits[:, -1])
     return gt, torch.stack(cand)
 
@@ -220,9 +222,9 @@ def _separate_rows(model, seqs, steps, cands, singles):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ribbon_with_mrope_equals_separate_forwards(family, attn):
-    model, _, ip = tiny(family, attn=attn)
-    singles = [process_images(ip, [im]) for im in images([SIZES[0], SIZES[2]])]
-    batch = ImageBatch.concat(singles)
+    model, parts = tiny(family, attn=attn)
+    singles = [parts.encode_images([im]) for im in images([SIZES[0], SIZES[2]])]
+    batch = ImageInputs.concat(singles)
     seqs = [sequence(model, 3, TOKENS[0], 7, seed=1), sequence(model, 2, TOKENS[2], 4, seed=2)]
     last_image = [3 + TOKENS[0], 2 + TOKENS[2]]
     # the first step is the last image token: its candidates stand in for <|vision_end|>
@@ -230,10 +232,11 @@ def test_ribbon_with_mrope_equals_separate_forwards(family, attn):
     cands = _candidates(model, steps, seed=0)
     plain, _ = plain_inputs(model, seqs, batch)
     ribbon = build_ribbon(seqs, steps, cands, pad_id=0, image_token_id=model.config.image_token_id)
-    positions = rope_positions(model, plain["input_ids"], plain["attention_mask"], batch.image_grid_thw)
-    mrope = gather_positions(positions, ribbon.position_ids, ribbon.lengths)
+    fam = family_of(model.config)
+    positions = fam.plain_positions(model, plain["input_ids"], plain["attention_mask"], batch.tensors)
+    mrope = fam.ribbon_positions(positions, ribbon.position_ids, ribbon.lengths)
     assert mrope.shape == (3, 2, ribbon.input_ids.shape[1])
-    vision = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+    vision = batch.tensors
     with torch.no_grad():
         ref_plain = model(**plain).logits
         logits = model(**ribbon.model_inputs() | {"position_ids": mrope}, **vision, use_cache=False).logits
@@ -252,14 +255,14 @@ def test_ribbon_with_mrope_equals_separate_forwards(family, attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_candidate_pass_with_mrope_equals_separate_forwards(family):
-    model, _, ip = tiny(family)
-    singles = [process_images(ip, [im]) for im in images([SIZES[1], SIZES[0]], seed=3)]
-    batch = ImageBatch.concat(singles)
+    model, parts = tiny(family)
+    singles = [parts.encode_images([im]) for im in images([SIZES[1], SIZES[0]], seed=3)]
+    batch = ImageInputs.concat(singles)
     seqs = [sequence(model, 2, TOKENS[1], 8, seed=3), sequence(model, 4, TOKENS[0], 3, seed=4)]
     steps = [torch.tensor([2 + TOKENS[1] + 1, 2 + TOKENS[1] + 4]), torch.tensor([4 + TOKENS[0] + 2])]
     cands = _candidates(model, steps, seed=1)
     plain, _ = plain_inputs(model, seqs, batch)
-    positions = rope_positions(model, plain["input_ids"], plain["attention_mask"], batch.image_grid_thw)
+    positions = rope_positions(model, plain["input_ids"], plain["attention_mask"], batch.tensors["image_grid_thw"])
     width = plain["input_ids"].shape[1]
     cp = build_candidate_pass(seqs, steps, cands, cache_length=width, pad_id=0)
     with torch.no_grad():
@@ -282,15 +285,6 @@ def test_gather_positions_by_hand():
     last = build_ribbon([torch.arange(10, 15)], [torch.tensor([4])], [torch.tensor([[20, 21]])], pad_id=0)
     with pytest.raises(ValueError, match="past its sample"):
         gather_positions(positions, last.position_ids, last.lengths)
-
-
-def test_pad_keys_and_drop_padded_keys():
-    padded, valid = pad_keys([torch.tensor([4, 5, 6]), torch.tensor([9])])
-    assert [p.tolist() for p in padded] == [[4, 5, 6], [9, 9, 9]]
-    assert valid.tolist() == [[True] * 3, [True, False, False]]
-    alpha = torch.tensor([[0.1, 0.2, 0.1], [0.4, 0.4, 0.4]])
-    assert torch.allclose(drop_padded_keys(alpha, valid), torch.tensor([[0.1, 0.2, 0.1], [0.4, 0.0, 0.0]]))
-    assert torch.allclose(drop_padded_keys(alpha, valid, normalize=True), torch.tensor([[0.25, 0.5, 0.25], [1, 0, 0]]))
 
 
 def test_spec_rejects_bad_settings():

@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from alignti.models.fingerprint import fingerprint_model_dir, tokenizer_compatible
-from alignti.models.tiny import TinySpec, build_tiny_llava, save_model_dir
+from alignti.models.family import save_model_dir
+from alignti.models.llava import TinySpec, build_tiny_llava
 from alignti.models.tokenizer import IMAGE_TOKEN, train_tokenizer
 
 TEXTS = ["What colour is the red circle? The answer is blue square top left.",
@@ -24,13 +25,13 @@ def _inputs(processor) -> dict:
     return processor(images=image, text=text, return_tensors="pt")
 
 
-def _save_reload_logits(model, processor, out) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _save_reload_logits(model, parts, out) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Logits of the in-memory model and of its reloaded copy on the same processed sample."""
-    save_model_dir(model, processor, out)
+    save_model_dir(model, parts, out)
     reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
     inputs = _inputs(AutoProcessor.from_pretrained(out, backend="pil"))
     with torch.no_grad():
-        return model(**_inputs(processor)).logits, reloaded(**inputs).logits, inputs
+        return model(**_inputs(parts.settings["processor"])).logits, reloaded(**inputs).logits, inputs
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from alignti.data.corpus import parse_row
 from alignti.data.encode import EncodedSample, SampleEncoder
-from alignti.models.loading import load_processor
+from alignti.models.family import load_parts
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import ARRAYS, SAMPLE_COLUMNS
 from alignti.storage.writer import CacheWriter
@@ -76,7 +76,7 @@ def test_sample_id_recipe_gives_the_extractors_ids(tiny_model_dir, tmp_path):
                                       turn("human", "and?"), turn("gpt", "bye")]},
     ]
     recipe = sample_id_recipe()
-    encoder = SampleEncoder(load_processor(tiny_model_dir), str(tmp_path), 2048)
+    encoder = SampleEncoder(load_parts(tiny_model_dir), str(tmp_path), 2048)
     for rec in records:
         enc = encoder.encode(parse_row(rec, "row-0"))
         assert isinstance(enc, EncodedSample), enc

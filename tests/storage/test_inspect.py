@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -79,3 +80,37 @@ def test_bench_cache_size_meets_targets(tmp_path):
     assert per["topk"] < r["raw_bytes_per_response_token"]["topk"] / 2
     assert all(x["samples_per_s"] > 0 for x in r["read"])
     assert os.path.exists(tmp_path / "bench" / "cache.json")
+
+
+def with_topk_mass(samples, head: float):
+    """The samples with every top-k row keeping `head` on its first id and 1e-4 on each other."""
+    out = []
+    for s in samples:
+        k = s.topk_logprobs.shape[1]
+        row = np.log(np.r_[head, np.full(k - 1, 1e-4)]).astype(np.float32)
+        out.append(dataclasses.replace(s, topk_logprobs=np.tile(row, (s.topk_logprobs.shape[0], 1))))
+    return out
+
+
+@pytest.mark.parametrize("head", [0.5, 0.95])
+def test_retained_mass_distribution_and_warning(tmp_path, capsys, head):
+    samples = make_samples(20, seed=32)
+    samples[:10] = with_topk_mass(samples[:10], head)  # two populations: the distribution shows both
+    root = tmp_path / "c"
+    with CacheWriter.open(root, manifest(), worker=0, num_workers=1, part_size=8) as w:
+        for s in samples:
+            w.add(s)
+    st = run_inspect(InspectConfig(cache=str(root)))
+    table, err = capsys.readouterr()
+    mass = np.concatenate([np.exp(s.topk_logprobs.astype(np.float64)).sum(-1) for s in samples])
+    d = st["retained_mass"]["topk"]
+    assert d["rows"] == mass.size and sum(d["histogram"]["counts"]) == mass.size
+    for q, ref in zip(("min", "p5", "p50", "p95", "max"), np.quantile(mass, [0, 0.05, 0.5, 0.95, 1])):
+        assert d[q] == pytest.approx(ref, abs=2e-3), q  # within the quantisation bound
+    assert d["mean"] == pytest.approx(mass.mean(), abs=2e-3) == st["mean_topk_mass"]
+    counts, _ = np.histogram(mass, bins=d["histogram"]["edges"])
+    assert sum(abs(a - b) for a, b in zip(counts, d["histogram"]["counts"])) <= 2  # rows on an edge may move
+    assert all(q in table for q in ("p5", "p50", "p95")) and f"{d['p50']:.3f}" in table
+    warned = [w for w in st["warnings"] if w.startswith("mean retained topk mass")]
+    assert bool(warned) == (mass.mean() < 0.8) and (mass.mean() < 0.8) == (head == 0.5)
+    assert bool(warned) == ("warning: mean retained topk mass" in err)
