@@ -32,18 +32,23 @@ def model_rows(models: dict[str, dict]) -> list[dict[str, Any]]:
         s = m["scores"]
         rows.append({"name": name, "role": m["role"], "recipe": m["recipe"], "size": m["size"],
                      "params": count_params(m["path"]), "path": str(m["path"]),
-                     "accuracy": {"overall": s["score"], **s["per_question_type"]}})
+                     "accuracy": {"overall": s["score"], **s["per_question_type"]},
+                     **({"describe_token_f1": s["describe_token_f1"]} if "describe_token_f1" in s else {})})
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy per question type ("overall" leaves descriptions out; "describe" is their exact match),
+    and descriptions' token F1 when the corpus has them."""
     types = [k for k in rows[0]["accuracy"] if k != "overall"]
-    head = "| model | role | recipe | params | overall | " + " | ".join(types) + " |"
-    lines = [head, "|" + "---|" * (5 + len(types))]
+    f1 = ["describe F1"] if "describe_token_f1" in rows[0] else []
+    head = "| model | role | recipe | params | overall | " + " | ".join(types + f1) + " |"
+    lines = [head, "|" + "---|" * (5 + len(types) + len(f1))]
     for r in rows:
         acc = r["accuracy"]
         cells = [r["name"], r["role"], r["recipe"], f"{r['params'] / 1e6:.2f}M", f"{acc['overall']:.1f}"]
-        lines.append("| " + " | ".join(cells + [f"{acc[t]:.1f}" for t in types]) + " |")
+        cells += [f"{acc[t]:.1f}" for t in types] + [f"{r['describe_token_f1']:.1f}" for _ in f1]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -69,11 +74,26 @@ def position_note(rows: list[dict[str, Any]], n: int) -> str:
             "it: compare the recipes on the other question types.")
 
 
-def one_seed_note(work: Path) -> str:
-    return ("This is one run with one seed, and it cannot rank the recipes: at these budgets another seed moves a "
-            "student's score by as much as the gaps between recipes here. `python bench/paper_table.py --demo-dir "
-            f"{work}` distils each recipe over five seeds from this run's teacher and cache and reports their mean "
-            "and spread; docs/results.md has its tables.")
+def scope_note(work: Path, rows: list[dict[str, Any]], answer_style: str) -> str:
+    """What one demo run can show and what it cannot (docs/results.md has the measurements behind it)."""
+    teacher = next(r for r in rows if r["role"] == "teacher")["accuracy"]["overall"]
+    students = [r["accuracy"]["overall"] for r in rows if r["role"] == "student"]
+    shows = (f"What this run shows: every stage works end to end on this machine; the teacher learned the task "
+             f"({teacher:.1f}% held-out, the students {min(students):.1f}-{max(students):.1f}%); its saliency sits on "
+             "the asked-about object (below); one cache trains every student.")
+    cannot = ("What it cannot show: it is one run with one seed, and it cannot rank the recipes: at these budgets "
+              "another seed moves a student's score by as much as the gaps between recipes here, and no single "
+              "term's effect (IVA's, TPA's) is visible in one run. `python bench/paper_table.py --demo-dir "
+              f"{work}` distils each recipe over five seeds from this run's teacher and cache and reports per-seed "
+              "paired differences; docs/results.md has its tables.")
+    if answer_style == "short":
+        cannot += (" With one-word answers TPA's candidate rows are mostly what follows a wrong answer (the "
+                   "end-of-turn token), so this corpus cannot show TPA at all; `--answer-style reasoning` gives it "
+                   "multi-token answers, at a higher cost.")
+    else:
+        cannot += (f" The answers are in the {answer_style} style, scored by their final answer (docs/eval.md); "
+                   "descriptions by token F1.")
+    return f"{shows}\n\n{cannot}"
 
 
 def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: dict, extract: dict, irs: dict,
@@ -81,11 +101,13 @@ def write_report(work: Path, models: dict[str, dict], cache: Path, teacher_fp: d
     """Write report.json and report.md into `work`; print the table; return the report.
 
     irs: run_irs's result plus "plot" (irs.png's path). setup: {"vision_tower": {"steps", "accuracy"},
-    "teacher_training": {"steps", "lr", "ground_weight", "ground_layer"}, "test_questions": {type: n}}.
+    "teacher_training": {"steps", "lr", "ground_weight", "ground_layer"}, "test_questions": {type: n},
+    "answer_style": the corpus's}.
     """
     rows = model_rows(models)
     report = {
         "quick": quick,
+        "answer_style": setup["answer_style"],
         "models": rows,
         "cache": {"path": str(cache.resolve()), "fingerprint": teacher_fp,
                   "bytes_per_response_token": extract["bytes_per_response_token"],
@@ -130,7 +152,7 @@ def report_markdown(work: Path, report: dict[str, Any], table: str) -> list[str]
     return [
         "# alignti demo report", "",
         f"Held-out accuracy (%) on the shapes test split{' (quick mode)' if report['quick'] else ''}:", "", table, "",
-        one_seed_note(work), "",
+        scope_note(work, rows, report["answer_style"]), "",
         *([position, ""] if position else []),
         f"Every student was distilled from the one cache `{cache['path']}` "
         f"(teacher weights {cache['fingerprint'].get('weights', '')[:12]}), "

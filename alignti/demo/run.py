@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
+from alignti.data.shapes_answers import ANSWER_STYLES
 from alignti.demo.parallel import run_many
 from alignti.demo.report import write_report
 from alignti.demo.saliency import saliency_pictures
@@ -94,10 +95,15 @@ class DemoConfig:
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads per process (1 is fastest for these tiny models and robust on a busy machine)"})
     jobs: int = field(default=2, metadata={"help": "student distillations run at once (one process each)"})
+    answer_style: str = field(default="short", metadata={"choices": ANSWER_STYLES, "help": (
+        "the corpus's answer style (`alignti data shapes --answer-style`): teacher, cache and students all "
+        "learn it")})
 
     def __post_init__(self) -> None:
         if self.jobs < 1 or self.threads < 1:
             raise AlignTIError("--jobs and --threads must be >= 1")
+        if self.answer_style not in ANSWER_STYLES:
+            raise AlignTIError(f"--answer-style must be one of {', '.join(ANSWER_STYLES)}, got {self.answer_style!r}")
 
 
 class Stages:
@@ -142,7 +148,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage, work = Stages(), prepare_workdir(cfg.workdir)
     shapes = work / "shapes"
     with stage("corpus"):
-        corpus = run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed))
+        corpus = run_shapes(ShapesConfig(out=str(shapes), n=plan.n, seed=cfg.seed, answer_style=cfg.answer_style))
     train_json, test_json = shapes / "train.json", shapes / "test.json"
     with stage("models"):
         init = assemble_models(work / "init", plan, train_json, cfg.seed)
@@ -168,7 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     teacher_training = {"steps": plan.teacher_steps, "lr": plan.teacher_lr, "ground_weight": plan.ground_weight,
                         "ground_layer": GROUND_LAYER}
     setup = {"vision_tower": tower_result, "teacher_training": teacher_training,
-             "test_questions": corpus["question_types"]["test"]}
+             "test_questions": corpus["question_types"]["test"], "answer_style": cfg.answer_style}
     return write_report(work, models, cache, fingerprint_model_dir(teacher), extract, irs, sal, setup, stage.seconds,
                         cfg.quick)
 

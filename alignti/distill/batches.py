@@ -67,7 +67,8 @@ class DistillBatch:
     attn_sample: torch.Tensor  # long [S]
     ground_target: torch.Tensor  # fp32 [S_g, K] box-annotation target (grounding) of ground_sample, 0-padded
     ground_sample: torch.Tensor  # long [S_g]
-    tpa_rows: torch.Tensor  # long [N_c * d] flat rows of the candidates, step-major
+    tpa_rows: torch.Tensor  # long [N_c * d] flat rows of the candidates, step-major (their input ids: the candidates)
+    tpa_step_rows: torch.Tensor  # long [N_c] flat ground-truth row t of each step (its next token is y_{t+1})
     tpa_ids: torch.Tensor  # long [N_c * d, k_t] teacher top-k_t of p_T(.|y_<=t, a)
     tpa_logprobs: torch.Tensor  # fp32 [N_c * d, k_t]
     tpa_cand_logprobs: torch.Tensor  # fp32 [N_c, d] log p_T(a | y_<=t); -inf = masked candidate
@@ -140,8 +141,10 @@ def _layout(examples: list[DistillExample], pad_id: int, image_token_id: int, us
                           image_token_id=image_token_id if plain.images else None)
     width = ribbon.input_ids.shape[1]
     flat = ribbon.cand_batch[:, None] * width + ribbon.cand_index  # [N_c, d]
+    # the ground-truth row each step's candidates stand in for: p(. | y_<=t) there proposes them
+    step_rows = ribbon.cand_batch * width + ribbon.gt_index[ribbon.cand_batch, ribbon.cand_step]  # [N_c]
     out.update(input_ids=ribbon.input_ids, attention_mask=ribbon.attention_mask, position_ids=ribbon.position_ids,
-               gt=ribbon.gt_index, width=width, tpa=(flat.reshape(-1), torch.cat(cand_lps)))
+               gt=ribbon.gt_index, width=width, tpa=(flat.reshape(-1), step_rows, torch.cat(cand_lps)))
     return out
 
 
@@ -230,10 +233,11 @@ def _tpa_part(examples: list[DistillExample], lay: dict) -> dict:
     d = max((s.tpa_cand_ids.shape[1] for s in sigs), default=1) or 1
     kt = max((s.tpa_topk_ids.shape[2] for s in sigs if s.tpa_topk_ids.ndim == 3), default=1) or 1
     if lay["tpa"] is None:
-        return {"tpa_rows": torch.zeros(0, dtype=_LONG), "tpa_ids": torch.zeros(0, kt, dtype=_LONG),
-                "tpa_logprobs": torch.zeros(0, kt), "tpa_cand_logprobs": torch.zeros(0, d)}
-    rows, cand_lps = lay["tpa"]
-    return {"tpa_rows": rows, "tpa_cand_logprobs": cand_lps,
+        return {"tpa_rows": torch.zeros(0, dtype=_LONG), "tpa_step_rows": torch.zeros(0, dtype=_LONG),
+                "tpa_ids": torch.zeros(0, kt, dtype=_LONG), "tpa_logprobs": torch.zeros(0, kt),
+                "tpa_cand_logprobs": torch.zeros(0, d)}
+    rows, step_rows, cand_lps = lay["tpa"]
+    return {"tpa_rows": rows, "tpa_step_rows": step_rows, "tpa_cand_logprobs": cand_lps,
             "tpa_ids": _cat([s.tpa_topk_ids.reshape(-1, kt) for s in sigs], (0, kt), _LONG),
             "tpa_logprobs": _cat([s.tpa_topk_logprobs.reshape(-1, kt) for s in sigs], (0, kt), torch.float32)}
 

@@ -26,7 +26,7 @@ RECIPES: dict[str, tuple[float, float, float, float]] = {
 }
 DIVERGENCES = ("fkl", "rkl", "jsd")
 TAILS = ("bucket", "renorm")
-TPA_WEIGHTINGS = ("teacher", "uniform")
+TPA_WEIGHTINGS = ("teacher", "uniform", "student")
 IVA_TARGETS = ("logits", "attention")
 TRAIN_CHOICES = ("projector", "llm", "all", "full")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
@@ -58,7 +58,10 @@ class LossConfig:
     tail: str = field(default="bucket", metadata={
         "help": "bucket = top-k plus an exact tail bucket; renorm = renormalised top-k", "choices": TAILS})
     tpa_weighting: str = field(default="teacher", metadata={
-        "help": "TPA candidate weights: teacher probabilities renormalised, or uniform", "choices": TPA_WEIGHTINGS})
+        "help": "TPA candidate weights: the teacher's probabilities of the cached candidates renormalised, uniform, "
+                "or the student's own (detached, renormalised over the candidates: the paper samples them from the "
+                "student online; a larger extraction --tpa-d makes the cached set cover more of them)",
+        "choices": TPA_WEIGHTINGS})
     iva_target: str = field(default="logits", metadata={
         "help": "IVA target: teacher distributions at salient vision rows, or saliency vs student attention",
         "choices": IVA_TARGETS})

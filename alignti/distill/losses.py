@@ -192,19 +192,33 @@ def iva_attention_loss(teacher_saliency: torch.Tensor, student_attention: torch.
     return kl, _count(w.shape[0], kl)
 
 
-def tpa_weights(cand_logprobs: torch.Tensor, weighting: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
+def tpa_weights(cand_logprobs: torch.Tensor, weighting: str = "teacher",
+                student_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate weights u [N_c, d] fp32 and the number of steps with any candidate.
 
-    cand_logprobs: [N_c, d] teacher log p_T(a_j | y_<t). "teacher": u = p_T(a_j) / sum_j p_T(a_j)
-    (a softmax of the log-probs); "uniform": 1/d. A slot with log-prob -inf is padding: weight 0,
-    and u is renormalised over the real candidates; a step with none has u = 0 and is not counted.
+    cand_logprobs: [N_c, d] teacher log p_T(a_j | y_<=t). "teacher": u = p_T(a_j) / sum_j p_T(a_j)
+    (a softmax of the log-probs); "uniform": 1/d; "student": u = p_S(a_j) / sum_j p_S(a_j) =
+    softmax_j(student_scores), student_scores [N_c, d] being the student's logits (or log-probs:
+    the log-sum-exp cancels) of a_j at the ground-truth row of step t, detached here so u is a
+    constant. A slot with log-prob -inf is padding whatever the weighting: weight 0, and u is
+    renormalised over the real candidates; a step with none has u = 0 and is not counted.
     """
     if weighting not in TPA_WEIGHTINGS:
         raise ValueError(f"unknown tpa_weighting {weighting!r}; choose one of {', '.join(TPA_WEIGHTINGS)}")
+    if (weighting == "student") != (student_scores is not None):
+        raise ValueError("tpa_weighting 'student' needs student_scores, and only it takes them")
     lp = cand_logprobs.float()
+    if student_scores is not None and student_scores.shape != lp.shape:
+        raise ValueError(f"tpa_weights: student_scores {tuple(student_scores.shape)} but candidates "
+                         f"{tuple(lp.shape)}")
     real = torch.isfinite(lp)
     has_any = real.any(-1, keepdim=True)
-    scores = lp if weighting == "teacher" else torch.zeros_like(lp)
+    if weighting == "teacher":
+        scores = lp
+    elif weighting == "student":
+        scores = student_scores.detach().float()
+    else:
+        scores = torch.zeros_like(lp)
     scores = torch.where(real, scores, float("-inf"))
     u = torch.softmax(torch.where(has_any, scores, 0.0), -1)  # finite input for empty steps
     u = torch.where(has_any & real, u, 0.0)
@@ -218,6 +232,7 @@ def tpa_loss(
     cand_logprobs: torch.Tensor,
     *,
     weighting: str = "teacher",
+    student_scores: torch.Tensor | None = None,
     row_index: torch.Tensor | None = None,
     chunk_size: int = 1024,
     divergence: str = "fkl",
@@ -231,12 +246,13 @@ def tpa_loss(
     (row t*d + j is candidate j of step t), or a larger [*, V] with row_index [N_c*d], or
     hidden states with `head` (as in `sft_rows_loss`);
     teacher_ids, teacher_logprobs: [N_c*d, k_t] the teacher's top-k_t of p_T(. | y_<t, a_j);
-    cand_logprobs: [N_c, d] log p_T(a_j | y_<t). Weights u from `tpa_weights`.
+    cand_logprobs: [N_c, d] log p_T(a_j | y_<t). Weights u from `tpa_weights` (student_scores
+    [N_c, d] only with weighting "student").
     """
     n_c, d = cand_logprobs.shape
     if teacher_ids.shape[0] != n_c * d:
         raise ValueError(f"tpa_loss: {n_c} steps x {d} candidates but {teacher_ids.shape[0]} teacher rows")
-    u, count = tpa_weights(cand_logprobs, weighting)
+    u, count = tpa_weights(cand_logprobs, weighting, student_scores)
     total, _ = chunked_topk_kl(student_rows, teacher_ids, teacher_logprobs, weights=u.reshape(-1),
                                row_index=row_index, chunk_size=chunk_size, divergence=divergence, beta=beta,
                                tail=tail, head=head)

@@ -4,7 +4,8 @@
 student's decoder once (`model.model`: hidden states, no logits) under the run's autocast, applies
 the LM head only to the rows a weighted term needs (response rows for L_sft and L_kd, salient
 vision rows for L_iva, ribbon candidate rows for L_tpa), fused into each term's chunked loss, and
-returns each term as (sum, count). The
+returns each term as (sum, count). With `--tpa-weighting student` the candidates' weights come from
+the student's own logits at the ground-truth rows they stand in for (`candidate_scores`). The
 attention probe runs in the same forward, at the layers the attention-valued terms need (IVA with
 iva_target=attention, grounding); those student layers are resolved and checked once, at set-up
 (`probe_layers`). The trainer adds the terms over micro-batches and processes and divides once by
@@ -61,6 +62,23 @@ def probe_layers(loss_cfg: LossConfig, student_layers: int, cache_layer: int | N
         if layer is not None and not 0 <= layer < student_layers:
             raise AlignTIError(f"{option} {layer} is outside the student's LM layers 0..{student_layers - 1}")
     return iva, ground
+
+
+def candidate_scores(head: torch.nn.Linear, hidden: torch.Tensor, step_rows: torch.Tensor,
+                     cand_ids: torch.Tensor) -> torch.Tensor:
+    """The student's logits of each step's candidates at its ground-truth row: fp32 [N_c, d], detached.
+
+    hidden: [M, H] flat hidden states; step_rows: [N_c] the row t of each step (whose next token is
+    y_{t+1}); cand_ids: [N_c, d]. z[n, j] = h_t . W[a_j] (+ b[a_j]): only the d head rows of the
+    candidates, no [N_c, V] logits. `tpa_weights` softmaxes them over the candidates, so the
+    log-sum-exp of p_S(. | y_<=t) is not needed.
+    """
+    # fp32 even under the run's bf16 autocast (which would cast the einsum down)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.index_select(0, step_rows).float()  # [N_c, H]
+        w = head.weight.float()[cand_ids]  # [N_c, d, H]
+        z = torch.einsum("nh,ndh->nd", h, w)
+        return z if head.bias is None else z + head.bias.float()[cand_ids]
 
 
 def _zero(hidden: torch.Tensor) -> SumCount:
@@ -138,8 +156,13 @@ class Objective(torch.nn.Module):
             terms["iva"] = iva_loss(flat, batch.iva_ids, batch.iva_logprobs, batch.iva_weights, batch.iva_sample,
                                     batch.num_samples, row_index=batch.iva_rows, **fused)
         if w["tpa"] > 0:
+            scores = None
+            if self.loss_cfg.tpa_weighting == "student":  # the candidates are the ribbon's inputs at their rows
+                cand_ids = batch.input_ids.reshape(-1)[batch.tpa_rows].reshape(batch.tpa_cand_logprobs.shape)
+                scores = candidate_scores(fused["head"], flat, batch.tpa_step_rows, cand_ids)
             terms["tpa"] = tpa_loss(flat, batch.tpa_ids, batch.tpa_logprobs, batch.tpa_cand_logprobs,
-                                    weighting=self.loss_cfg.tpa_weighting, row_index=batch.tpa_rows, **fused)
+                                    weighting=self.loss_cfg.tpa_weighting, student_scores=scores,
+                                    row_index=batch.tpa_rows, **fused)
         if self.ground_layer is not None:
             terms["ground"] = _zero(hidden) if self.ground_layer not in probed else iva_attention_loss(
                 batch.ground_target, probed[self.ground_layer].index_select(0, batch.ground_sample))

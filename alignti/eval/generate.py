@@ -33,9 +33,12 @@ from alignti.eval.formats import EvalQuestion, open_image
 from alignti.models.family import ModelParts, family_of
 from alignti.progress import progress_bar
 
-# Every prompt asks for a word, a phrase or a letter, and greedy decoding stops at end-of-turn;
-# the cap only bounds a model that rambles. TextVQA answers (OCR strings) run longest.
+# Every public benchmark's prompt asks for a word, a phrase or a letter, and greedy decoding stops
+# at end-of-turn; the cap only bounds a model that rambles. TextVQA answers (OCR strings) run
+# longest. Our shapes corpus is written in one of several answer styles (a reasoning runs to ~32
+# tokens), so its cap follows its own gold answers instead (`default_max_new_tokens`); 16 is its floor.
 MAX_NEW_TOKENS = {"gqa": 16, "textvqa": 32, "pope": 16, "mme": 16, "scienceqa": 16, "mmbench": 16, "shapes": 16}
+CAP_FROM_GOLD = frozenset({"shapes"})
 _PROBE = "zq1"  # an assistant text that no template rewrites, to find the end-of-turn token
 
 
@@ -78,6 +81,22 @@ def make_generator(model: PreTrainedModel, parts: ModelParts, max_new_tokens: in
     stop = stop_token_ids(encoder, model)
     pad_id = parts.tokenizer.pad_token_id if parts.tokenizer.pad_token_id is not None else stop[0]
     return Generator(model, parts, encoder, stop, pad_id, max_new_tokens)
+
+
+def default_max_new_tokens(benchmark: str, questions: Sequence[EvalQuestion], tokenizer) -> int:
+    """The generated-token cap when --max-new-tokens is not given.
+
+    `MAX_NEW_TOKENS[benchmark]`; for a benchmark in CAP_FROM_GOLD (shapes) at least twice its
+    longest gold answer in the model's tokens, so a right answer in any answer style fits with
+    room to spare and a short-answer split keeps the floor. Every question passed counts (not only
+    those left to answer), so a resumed run keeps its cap.
+    """
+    cap = MAX_NEW_TOKENS[benchmark]
+    if benchmark in CAP_FROM_GOLD:
+        golds = [q.answer for q in questions if isinstance(q.answer, str) and q.answer]
+        longest = max((len(ids) for ids in tokenizer(golds, add_special_tokens=False)["input_ids"]), default=0)
+        cap = max(cap, 2 * longest)
+    return cap
 
 
 def has_image(question: EvalQuestion) -> bool:

@@ -16,7 +16,7 @@ from alignti.cliargs import write_run_file
 from alignti.data.corpus import check_image_root
 from alignti.errors import AlignTIError
 from alignti.eval.formats import BENCHMARKS, EvalQuestion, load_answers
-from alignti.eval.generate import MAX_NEW_TOKENS, answer_questions, has_image, make_generator
+from alignti.eval.generate import answer_questions, default_max_new_tokens, has_image, make_generator
 from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
 from alignti.eval.scoring import SCORING_MODES, match_answers, score_benchmark
@@ -47,7 +47,8 @@ class EvalConfig:
         "help": "llava: LLaVA's original scripts; lmms-eval: lmms-eval's rules", "choices": SCORING_MODES})
     batch_size: int = field(default=8, metadata={"help": "questions per generate call"})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": "generated-token cap (default per benchmark: 32 for textvqa, 16 otherwise)"})
+        "help": "generated-token cap (default per benchmark: 32 for textvqa; shapes: twice its longest gold answer, "
+                "at least 16; 16 otherwise)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
     limit: int | None = field(default=None, metadata={"help": "only the first N questions (answered and scored)"})
@@ -136,7 +137,8 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
     parts = load_parts(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    gen = make_generator(model, parts, cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.benchmark])
+    cap = cfg.max_new_tokens or default_max_new_tokens(cfg.benchmark, questions, parts.tokenizer)
+    gen = make_generator(model, parts, cap)
     return answer_questions(gen, todo, path, cfg.image_root, model_id, cfg.batch_size)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from alignti.demo import run as demo
-from alignti.demo.report import position_note
+from alignti.demo.report import markdown_table, position_note, scope_note
 from alignti.errors import AlignTIError
 
 _V = dict(vision_hidden=32, vision_layers=1, image_size=32, patch=16, vocab_size=320)
@@ -71,6 +71,22 @@ def test_demo_refuses_a_foreign_workdir(tmp_path):
         demo.prepare_workdir(str(tmp_path))
     with pytest.raises(AlignTIError, match="--jobs"):
         demo.DemoConfig(jobs=0)
+    with pytest.raises(AlignTIError, match="--answer-style must be one of short, sentence, reasoning, mixed"):
+        demo.DemoConfig(answer_style="essay")
+
+
+def test_report_says_what_one_run_shows_and_scores_descriptions():
+    rows = [{"name": "teacher", "role": "teacher", "recipe": "sft + grounding", "params": 1e6,
+             "accuracy": {"overall": 89.2, "color": 99.0, "describe": 58.0}, "describe_token_f1": 84.5},
+            {"name": "student-s-kd", "role": "student", "recipe": "kd", "params": 4e5,
+             "accuracy": {"overall": 46.6, "color": 63.0, "describe": 14.0}, "describe_token_f1": 61.25}]
+    table = markdown_table(rows)
+    assert "| overall | color | describe | describe F1 |" in table and "| 58.0 | 84.5 |" in table.splitlines()[2]
+    long = scope_note(Path("w"), rows, "reasoning")
+    assert "89.2% held-out, the students 46.6-46.6%" in long and "cannot rank the recipes" in long
+    assert "reasoning style, scored by their final answer" in long and "end-of-turn" not in long
+    short = scope_note(Path("w"), rows, "short")
+    assert "cannot show TPA at all" in short and "--answer-style reasoning" in short
 
 
 def test_position_note_calls_chance_within_two_standard_errors():

@@ -70,7 +70,11 @@ def brute_force(model, examples, weighting: str = "teacher") -> dict[str, tuple[
             rows = torch.stack([reference_logprobs(model, torch.cat([s.input_ids[: t + 1], torch.tensor([int(a)])]),
                                                    s.images)[-1] for a in cands])
             kl, _ = bucket_kl_and_bound(rows, torch.from_numpy(ids).long(), torch.from_numpy(lps))
-            u = torch.softmax(torch.from_numpy(cand_lp).double(), -1) if weighting == "teacher" else 1 / len(cands)
+            if weighting == "uniform":
+                u = 1 / len(cands)
+            else:  # the proposer's p(a | x_<=t) over the candidates, renormalised
+                u = torch.from_numpy(cand_lp).double().exp() if weighting == "teacher" else lp[t, cands].exp()
+                u = u / u.sum()
             out["tpa"][0] += float((u * kl).sum())
             out["tpa"][1] += 1
     return {k: (v[0], float(v[1])) for k, v in out.items()}
@@ -80,7 +84,7 @@ def _values(terms):
     return {k: (float(s.detach()), float(c)) for k, (s, c) in terms.items()}
 
 
-@pytest.mark.parametrize("weighting", ["teacher", "uniform"])
+@pytest.mark.parametrize("weighting", ["teacher", "uniform", "student"])
 def test_terms_equal_brute_force_from_the_cache(world, examples, weighting):
     cfg = LossConfig("alignti", tpa_weighting=weighting, chunk_size=5)
     batch = _batch(world, examples, cfg)

@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from alignti.distill.losses import iva_loss, kd_loss, sft_kd_loss, sft_rows_loss, tpa_loss
+from alignti.distill.objective import candidate_scores
 from tests.distill.test_losses import softmax64, teacher_topk, topk_ref
 
 DIVS = ("fkl", "rkl", "jsd")
@@ -219,6 +220,21 @@ def test_bf16_weights_and_hidden():
     torch.testing.assert_close(got[0], ref[0])
     for a, b in zip(got[1], ref[1], strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.float().abs().max()))
+
+
+def test_candidate_scores_are_the_heads_logits_in_fp32_under_autocast():
+    """The student weighting's scores: the full head's logits at the step rows, at the candidate
+    columns only, fp32 and detached even under bf16 autocast."""
+    h, v = 8, 29
+    head = make_head(h, v, seed=13)
+    hidden = torch.randn(7, h, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    rows, cands = torch.tensor([1, 4, 6]), torch.tensor([[3, 0], [28, 5], [7, 7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = candidate_scores(head, hidden, rows, cands)
+    full = head(hidden.detach().double()[rows].to(head.weight.dtype)).double()  # [3, V] fp32 head
+    ref = full.gather(1, cands)
+    assert z.dtype == torch.float32 and not z.requires_grad
+    torch.testing.assert_close(z.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------- memory

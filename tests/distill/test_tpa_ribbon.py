@@ -3,7 +3,8 @@ k_t = V, and the step's term equals, by brute force with separate plain forwards
 
     sum_{a != y_t} p_T(a) KL(p_T(.|y_<=t, a) || p_S(.|y_<=t, a)) / sum_{a != y_t} p_T(a)
 
-(teacher weighting; uniform: the plain average), averaged over steps. With an image in the batch
+(teacher weighting; student: p_S(a | y_<=t) in place of p_T(a), from the student's own plain forward;
+uniform: the plain average), averaged over steps. With an image in the batch
 the image token cannot be fed as a candidate (it would be merged with image features; a plain
 forward of it is undefined too), so its slot is masked and the reference sums over a not in
 {y_t, image}.
@@ -114,14 +115,15 @@ def brute_force(world: dict, names: list[str], weighting: str, batch_has_image: 
         s, t_rows, s_rows = world[name]["sample"], world[name]["teacher_rows"], world[name]["student_rows"]
         for t in s.resp_positions.tolist():
             y = int(s.input_ids[t + 1])
-            p_t = next_logprobs(world["teacher"], s.input_ids[None, : t + 1], pixels(s))[0].exp()
+            proposer = world["student"] if weighting == "student" else world["teacher"]
+            p_t = next_logprobs(proposer, s.input_ids[None, : t + 1], pixels(s))[0].exp()
             num = den = 0.0
             for a in range(V):
                 if a == y or (a == IMG and batch_has_image):
                     continue
                 lt, ls = t_rows[t][a], s_rows[t][a]
                 kl = float((lt.exp() * (lt - ls)).sum())
-                u = float(p_t[a]) if weighting == "teacher" else 1.0
+                u = 1.0 if weighting == "uniform" else float(p_t[a])
                 num, den = num + u * kl, den + u
             total += num / den
             steps += 1
@@ -141,7 +143,7 @@ def world():
     return out
 
 
-@pytest.mark.parametrize("weighting", ["teacher", "uniform"])
+@pytest.mark.parametrize("weighting", ["teacher", "uniform", "student"])
 @pytest.mark.parametrize("with_image", [False, True])
 def test_tpa_equals_chain_rule_brute_force(world, weighting, with_image):
     student = world["student"]

@@ -12,7 +12,8 @@ from alignti.data.corpus import CorpusRow
 from alignti.data.encode import IGNORE_INDEX, SampleEncoder
 from alignti.eval.formats import EvalQuestion
 from alignti.eval.generate import (
-    append_answers, generate_batch, make_generator, repair_answers_tail, stop_token_ids, user_turn,
+    MAX_NEW_TOKENS, append_answers, default_max_new_tokens, generate_batch, make_generator, repair_answers_tail,
+    stop_token_ids, user_turn,
 )
 from alignti.eval.run import EvalConfig, run_eval
 from alignti.models.family import load_parts
@@ -33,8 +34,22 @@ def _image_root(tmp_path):
     return root
 
 
-def _q(qid, prompt, image):
-    return EvalQuestion("shapes", qid, qid, prompt, image, "x", {"question_type": "color"})
+def _q(qid, prompt, image, answer="x", benchmark="shapes"):
+    return EvalQuestion(benchmark, qid, qid, prompt, image, answer, {"question_type": "color"})
+
+
+def test_shapes_cap_follows_the_longest_gold_answer(tiny):
+    """A reasoning answer longer than 16 tokens gets room; short answers keep the floor of 16."""
+    tok = tiny[1].tokenizer
+    reasoning = ("The top left quadrant holds a red circle. The top right quadrant holds a red square. "
+                 "The bottom left quadrant holds a red triangle. The answer is 3.")
+    n = len(tok(reasoning, add_special_tokens=False)["input_ids"])
+    assert n > 16
+    short = [_q("1", "How many red objects are there?", None, "3"), _q("2", "What colour?", None, "yellow")]
+    assert default_max_new_tokens("shapes", short, tok) == 16
+    long = short + [_q("3", "How many red objects are there?", None, reasoning)]
+    assert default_max_new_tokens("shapes", long, tok) == 2 * n
+    assert default_max_new_tokens("gqa", [_q("3", "q", None, reasoning, "gqa")], tok) == MAX_NEW_TOKENS["gqa"]
 
 
 @pytest.mark.parametrize("image", ["red.png", None])
