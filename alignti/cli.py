@@ -1,27 +1,26 @@
 """The `alignti` command line: each command maps its options to one frozen config dataclass.
 
-No logic lives here; every command calls `run_<command>(config)` in its own module.
-Bad configuration or input (`AlignTIError`) is printed as one line, exit code 2.
+No logic lives here; every command calls `run_<command>(config)` in its own module, imported
+when the command runs: the configs are torch-free, so `--help` and bad options never wait for
+torch or transformers. Bad configuration or input (`AlignTIError`) is one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from alignti.cliargs import from_dataclass
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.demo.run import DemoConfig, run_demo
-from alignti.distill.config import DistillConfig
-from alignti.distill.plot import PlotConfig, run_plot
-from alignti.distill.train import run_distill
+from alignti.demo.config import DemoConfig
+from alignti.distill.config import DistillConfig, PlotConfig
 from alignti.errors import AlignTIError
-from alignti.eval.run import EvalConfig, run_eval
-from alignti.extract.irs import IrsConfig, run_irs
-from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.assemble import AssembleConfig, run_assemble
+from alignti.eval.config import EvalConfig
+from alignti.extract.config import ExtractConfig, IrsConfig
+from alignti.models.config import AssembleConfig
 from alignti.storage.inspect import InspectConfig, run_inspect
 
 
@@ -47,6 +46,8 @@ def data_shapes(cfg: ShapesConfig) -> None:
 @from_dataclass(AssembleConfig)
 def assemble(cfg: AssembleConfig) -> None:
     """Build a LLaVA model from a local LM + vision tower, or a tiny random one of any family (--random)."""
+    from alignti.models.assemble import run_assemble
+
     click.echo(str(run_assemble(cfg)))
 
 
@@ -54,6 +55,8 @@ def assemble(cfg: AssembleConfig) -> None:
 @from_dataclass(IrsConfig)
 def irs(cfg: IrsConfig) -> None:
     """Score every teacher LM layer for instruction-aware visual focus (IRS); pick l*."""
+    from alignti.extract.irs import run_irs
+
     click.echo(json.dumps(run_irs(cfg), indent=2))
 
 
@@ -61,6 +64,8 @@ def irs(cfg: IrsConfig) -> None:
 @from_dataclass(ExtractConfig)
 def extract(cfg: ExtractConfig) -> None:
     """Run the teacher once over a corpus and cache every Align-TI signal."""
+    from alignti.extract.run import run_extract
+
     click.echo(json.dumps(run_extract(cfg), indent=2))
 
 
@@ -68,6 +73,8 @@ def extract(cfg: ExtractConfig) -> None:
 @from_dataclass(DistillConfig)
 def distill(cfg: DistillConfig) -> None:
     """Train a student from the teacher-signal cache (or SFT from a corpus); the teacher is never loaded."""
+    from alignti.distill.train import run_distill
+
     summary = run_distill(cfg)  # None on every process but the main one (accelerate launch)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
@@ -77,6 +84,8 @@ def distill(cfg: DistillConfig) -> None:
 @from_dataclass(PlotConfig)
 def plot(cfg: PlotConfig) -> None:
     """Draw a distill run's loss terms against the step (OUT/log.jsonl -> OUT/loss.png)."""
+    from alignti.distill.plot import run_plot
+
     click.echo(json.dumps(run_plot(cfg), indent=2))
 
 
@@ -84,6 +93,8 @@ def plot(cfg: PlotConfig) -> None:
 @from_dataclass(EvalConfig)
 def eval_(cfg: EvalConfig) -> None:
     """Answer a benchmark with a model (resumable) and score it, or compare runs with --report DIR..."""
+    from alignti.eval.run import run_eval
+
     run_eval(cfg)
 
 
@@ -98,16 +109,17 @@ def inspect(cfg: InspectConfig) -> None:
 @from_dataclass(DemoConfig)
 def demo(cfg: DemoConfig) -> None:
     """The whole pipeline on the built-in shapes corpus, CPU only: teacher, cache, two students x 3 recipes, eval."""
+    from alignti.demo.run import run_demo
+
     run_demo(cfg)
 
 
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
-    import transformers
-
-    # transformers' per-load progress bars and backend-fallback notices drown our own progress.
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # transformers' per-load progress bars and backend-fallback notices drown our own progress; set
+    # before transformers is imported (it reads both then), and inherited by worker processes.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(standalone_mode=False)
     except AlignTIError as exc:

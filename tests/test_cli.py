@@ -103,3 +103,11 @@ def test_bad_values_are_one_line_before_any_work(monkeypatch, capsys, tmp_path, 
     code, err = run_main(monkeypatch, capsys, command, *base, *given)
     assert code == 2 and err.count("\n") == 1 and err.startswith("alignti: error: ") and message in err, err
     assert sorted(tmp_path.rglob("*")) == before  # nothing created
+
+
+def test_importing_the_cli_loads_no_model_library():
+    """`--help` and option errors must not wait for torch / transformers (a fresh interpreter:
+    this one has them loaded already)."""
+    code = "import sys, alignti.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from alignti.cliargs import build
 from alignti.data.shapes import ShapesConfig, run_shapes
-from alignti.data.shapes_answers import ANSWER_STYLES
+from alignti.demo.config import DemoConfig
 from alignti.demo.parallel import run_many
 from alignti.demo.report import write_report
 from alignti.demo.saliency import saliency_pictures
@@ -83,27 +83,6 @@ QUICK = DemoPlan(
     tower_steps=1200, teacher_steps=1600, teacher_lr=4e-4, ground_weight=0.3,
     student_steps=300, student_lr=1e-3, batch_size=16,
     irs_samples=64, pictures=4)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """`alignti demo` options."""
-
-    workdir: str = field(default="demo-out", metadata={"help": "where everything is written (recreated)"})
-    quick: bool = field(default=False, metadata={"help": "smaller corpus, models and budgets (<= 3 min)"})
-    seed: int = field(default=0, metadata={"help": "corpus, initialisation and data-order seed"})
-    threads: int = field(default=1, metadata={
-        "help": "torch CPU threads per process (1 is fastest for these tiny models and robust on a busy machine)"})
-    jobs: int = field(default=2, metadata={"help": "student distillations run at once (one process each)"})
-    answer_style: str = field(default="short", metadata={"choices": ANSWER_STYLES, "help": (
-        "the corpus's answer style (`alignti data shapes --answer-style`): teacher, cache and students all "
-        "learn it")})
-
-    def __post_init__(self) -> None:
-        if self.jobs < 1 or self.threads < 1:
-            raise AlignTIError("--jobs and --threads must be >= 1")
-        if self.answer_style not in ANSWER_STYLES:
-            raise AlignTIError(f"--answer-style must be one of {', '.join(ANSWER_STYLES)}, got {self.answer_style!r}")
 
 
 class Stages:

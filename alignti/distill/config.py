@@ -215,3 +215,11 @@ def resume_differences(cfg: DistillConfig, saved: dict[str, Any]) -> list[str]:
     change what is computed."""
     mine = options(cfg)
     return sorted(k for k in set(mine) | set(saved) if k not in RESUMABLE_CHANGES and mine.get(k) != saved.get(k))
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    """`alignti plot` options."""
+
+    out: str = field(metadata={"help": "distill output directory (reads its log.jsonl)", "argument": True})
+    png: str | None = field(default=None, metadata={"help": "picture to write [default: OUT/loss.png]"})

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from alignti.distill.checkpoint import LOG
-from alignti.distill.config import TERMS
+from alignti.distill.config import TERMS, PlotConfig
 from alignti.errors import AlignTIError
 
 PNG = "loss.png"
@@ -27,14 +26,6 @@ TITLES = {"loss": "loss (weighted total)", "sft": "sft (L_sft)", "kd": "kd (L_kd
           "tpa": "tpa (L_tpa)", "ground": "ground (grounding)"}
 PANEL_W, PANEL_H, COLUMNS = 460, 250, 2
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 70, 16, 30, 42
-
-
-@dataclass(frozen=True)
-class PlotConfig:
-    """`alignti plot` options."""
-
-    out: str = field(metadata={"help": "distill output directory (reads its log.jsonl)", "argument": True})
-    png: str | None = field(default=None, metadata={"help": "picture to write [default: OUT/loss.png]"})
 
 
 def read_log(out: str | Path) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,39 +21,14 @@ from alignti.data.batching import collate, length_grouped
 from alignti.data.corpus import check_corpus, check_image_root, read_corpus
 from alignti.data.encode import EncodedSample, SampleEncoder
 from alignti.cliargs import write_run_file
-from alignti.errors import AlignTIError, check_min
+from alignti.errors import AlignTIError
+from alignti.extract.config import IrsConfig
 from alignti.extract.irs_score import choose_layer, irs_scores_by_grid
-from alignti.models.devices import check_device, check_dtype
 from alignti.models.family import decoder_hidden, load_parts
 from alignti.models.loading import load_model, resolve_device, resolve_dtype
 from alignti.models.probe import probe_attention, probe_targets
 from alignti.progress import progress_bar
 from alignti.storage.files import write_errors
-
-
-@dataclass(frozen=True)
-class IrsConfig:
-    """`alignti irs` options."""
-
-    teacher: str = field(metadata={"help": "teacher model directory"})
-    data: str = field(metadata={"help": "corpus (LLaVA JSON or JSONL)"})
-    image_root: str = field(metadata={"help": "directory image paths are relative to"})
-    out: str = field(default="irs.json", metadata={
-        "help": "output JSON (a .png plot and the run's options as .yaml are written beside it)"})
-    samples: int = field(default=256, metadata={"help": "calibration samples (with images)"})
-    batch_size: int = field(default=8, metadata={"help": "samples per forward"})
-    max_length: int = field(default=2048, metadata={"help": "longest sample in tokens"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
-
-    def __post_init__(self) -> None:
-        if Path(self.out).suffix in (".png", ".yaml"):
-            raise AlignTIError(f"--out {self.out!r}: the .png and .yaml files are written beside it; name it .json")
-        check_min(1, batch_size=self.batch_size)
-        check_min(2, samples=self.samples)  # IRS compares calibration samples pairwise
-        check_min(8, max_length=self.max_length)
-        check_device(self.device)
-        check_dtype(self.dtype)
 
 
 def calibration_samples(encoder: SampleEncoder, data: str, n: int, hint: str = "") -> list[EncodedSample]:

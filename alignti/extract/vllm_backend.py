@@ -34,6 +34,7 @@ from alignti.data.batching import Batch
 from alignti.data.corpus import load_image
 from alignti.data.encode import EncodedSample
 from alignti.errors import AlignTIError
+from alignti.extract.config import check_vllm_settings
 from alignti.extract.signals import choose_tpa_steps, propose_top
 from alignti.extract.teacher import plain_pass, salient_positions
 from alignti.extract.teacher_output import (
@@ -79,13 +80,6 @@ def token_logprob(entry: LogprobEntry, token: int, where: str) -> float:
     if lp is None:
         raise ValueError(f"vLLM returned no log-prob for token {token} at {where}")
     return float(lp.logprob)
-
-
-def check_vllm_settings(tpa_d: int, tpa_proposal: str) -> None:
-    """vLLM returns top-n log-probs only, so seeded draws from the full distribution are impossible."""
-    if tpa_d and tpa_proposal != "top":
-        raise AlignTIError("--backend vllm supports --tpa-proposal top only (vLLM returns top-n log-probs, "
-                           "not the full distribution that seeded draws need); use --backend hf for sample")
 
 
 class VllmEngine:

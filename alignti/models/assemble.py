@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from alignti.errors import AlignTIError
-from alignti.models.family import families, get_family, save_model_dir
-from alignti.models.llava import LLAVA, TinySpec
-from alignti.models.qwen_vl_tiny import QwenVLSpec
+from alignti.models.config import AssembleConfig
+from alignti.models.family import get_family, save_model_dir
+from alignti.models.llava import LLAVA
 from alignti.models.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, ensure_image_token, train_tokenizer
 from alignti.storage.files import write_json_atomic
 
@@ -74,53 +74,8 @@ VISION_KINDS = {
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 
-_TINY = {f.name: f for f in fields(TinySpec)}
-_QWEN = {f.name: f for f in fields(QwenVLSpec)}
-# Options of one family only; the other sizes are shared (each family takes the fields it has).
-_ONLY = {"text_family": "llava", "image_size": "llava", "min_pixels": "qwen*", "max_pixels": "qwen*"}
-
-
-def _tiny_field(name: str) -> Any:
-    """An AssembleConfig field with the tiny spec's default and help (used by --random only)."""
-    f = _TINY.get(name) or _QWEN[name]
-    only = f", {_ONLY[name]} only" if name in _ONLY else ""
-    return field(default=f.default, metadata={"help": f"{f.metadata['help']} (--random{only})"})
-
-
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
-
-
-@dataclass(frozen=True)
-class AssembleConfig:
-    """Options of `alignti assemble`; field names are the CLI option names."""
-
-    out: str = field(metadata={"help": "output model directory"})
-    llm: str | None = field(default=None, metadata={"help": "local pretrained causal LM directory"})
-    vision: str | None = field(default=None, metadata={"help": "local SigLIP or CLIP (vision) model directory"})
-    projector: str = field(default="mlp2x_gelu", metadata={"help": "projector type: mlp2x_gelu"})
-    random: bool = field(default=False, metadata={"help": "build a tiny random model instead of --llm/--vision"})
-    family: str = field(default="llava", metadata={
-        "help": "model family of --random: llava (vision tower + projector + LM) or qwen2_vl | qwen2_5_vl | "
-                "qwen3_vl (dynamic resolution, M-RoPE); --llm/--vision build llava", "choices": tuple(families())})
-    text_family: str = _tiny_field("text_family")
-    hidden: int = _tiny_field("hidden")
-    layers: int = _tiny_field("layers")
-    heads: int = _tiny_field("heads")
-    kv_heads: int = _tiny_field("kv_heads")
-    vision_hidden: int = _tiny_field("vision_hidden")
-    vision_layers: int = _tiny_field("vision_layers")
-    image_size: int = _tiny_field("image_size")
-    patch: int = _tiny_field("patch")
-    min_pixels: int = _tiny_field("min_pixels")
-    max_pixels: int = _tiny_field("max_pixels")
-    corpus: str | None = field(
-        default=None, metadata={"help": "LLaVA JSON/JSONL corpus to train the tokenizer on (--random)"})
-    tokenizer_from: str | None = field(
-        default=None, metadata={"help": "model directory whose tokenizer to reuse, e.g. the teacher's (--random)"})
-    vocab_size: int = field(default=1024, metadata={"help": "tokenizer vocabulary size with --corpus"})
-    seed: int = field(default=0, metadata={"help": "seed for random weights, the projector and new embedding rows"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty --out directory"})
 
 
 def run_assemble(cfg: AssembleConfig) -> Path:
@@ -192,8 +147,7 @@ def _check_config(cfg: AssembleConfig) -> Path:
 
 def _spec(cfg: AssembleConfig) -> Any:
     """The family's tiny spec from the size options (validated there)."""
-    sizes = {name: getattr(cfg, name) for name in (*_TINY, *_QWEN) if hasattr(cfg, name) and name != "family"}
-    return get_family(cfg.family).random_spec(sizes)
+    return get_family(cfg.family).random_spec(cfg.sizes())
 
 
 # ---------------------------------------------------------------- random mode

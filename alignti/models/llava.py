@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +37,9 @@ from transformers import (
 
 from alignti.data.images import ImageInputs
 from alignti.errors import AlignTIError
+from alignti.models.specs import TinySpec
 from alignti.models.family import Family, ModelParts
 from alignti.models.tokenizer import IMAGE_TOKEN, ensure_image_token
-
-TEXT_FAMILIES = ("qwen2", "qwen3", "llama")
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Sizes of a tiny LLaVA model; every field is an `assemble --random` option."""
-
-    text_family: str = field(default="qwen2", metadata={"help": "qwen2 | qwen3 | llama"})
-    hidden: int = field(default=64, metadata={"help": "LM hidden size"})
-    layers: int = field(default=2, metadata={"help": "LM decoder layers"})
-    heads: int = field(default=4, metadata={"help": "LM attention heads"})
-    kv_heads: int = field(default=2, metadata={"help": "LM key/value heads (GQA when < heads)"})
-    vision_hidden: int = field(default=32, metadata={"help": "vision tower hidden size"})
-    vision_layers: int = field(default=1, metadata={"help": "vision tower layers"})
-    image_size: int = field(default=32, metadata={"help": "input image side in pixels"})
-    patch: int = field(default=8, metadata={"help": "vision patch size (n_v = (image/patch)^2)"})
-    seed: int = field(default=0, metadata={"help": "weight initialisation seed"})
-
-    def __post_init__(self) -> None:
-        if self.text_family not in TEXT_FAMILIES:
-            raise AlignTIError(f"unknown text family {self.text_family!r}; use one of {TEXT_FAMILIES}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise AlignTIError("hidden must divide by heads and heads by kv_heads")
-        if self.vision_hidden % 16 and self.vision_hidden > 16:
-            raise AlignTIError("vision hidden size must be a multiple of 16 (heads of width 16)")
-        if self.image_size % self.patch:
-            raise AlignTIError("image size must be a multiple of the patch size")
-
 
 def _text_config(spec: TinySpec, vocab_size: int, pad_id: int) -> Qwen2Config | Qwen3Config | LlamaConfig:
     common = dict(

@@ -9,7 +9,6 @@ models take runs on CPU in milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
@@ -28,9 +27,9 @@ from transformers import (
 )
 
 from alignti.errors import AlignTIError
+from alignti.models.specs import QwenVLSpec
 from alignti.models.tokenizer import IM_END, PAD_TOKEN
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _MODELS = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
            "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
            "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
@@ -68,37 +67,6 @@ def qwen_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFas
                                   extra_special_tokens=dict(VISION_TOKENS))
     out.chat_template = CHAT_TEMPLATE
     return out
-
-
-@dataclass(frozen=True)
-class QwenVLSpec:
-    """Sizes of a tiny Qwen-VL model (the field names match `TinySpec`'s where they mean the same)."""
-
-    family: str = field(default="qwen2_5_vl", metadata={"help": "qwen2_vl | qwen2_5_vl | qwen3_vl"})
-    hidden: int = field(default=64, metadata={"help": "LM hidden size"})
-    layers: int = field(default=2, metadata={"help": "LM decoder layers"})
-    heads: int = field(default=4, metadata={"help": "LM attention heads"})
-    kv_heads: int = field(default=2, metadata={"help": "LM key/value heads (GQA when < heads)"})
-    vision_hidden: int = field(default=32, metadata={"help": "vision tower hidden size"})
-    vision_layers: int = field(default=2, metadata={"help": "vision tower layers"})
-    patch: int = field(default=14, metadata={"help": "vision patch size in pixels"})
-    merge: int = field(default=2, metadata={"help": "spatial merge: merge x merge patches -> 1 token"})
-    min_pixels: int = field(default=56 * 56, metadata={"help": "image processor's smallest resized area"})
-    max_pixels: int = field(default=112 * 112, metadata={"help": "image processor's largest resized area"})
-    seed: int = field(default=0, metadata={"help": "weight initialisation seed"})
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise AlignTIError(f"unknown Qwen-VL family {self.family!r}; use one of {FAMILIES}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise AlignTIError("hidden must divide by heads and heads by kv_heads")
-        head = self.hidden // self.heads
-        if head % 2 or head < 8:
-            raise AlignTIError(f"head size hidden / heads = {head}: must be even and >= 8 (3 rotary axes)")
-        if self.vision_hidden % 16:
-            raise AlignTIError("vision hidden size must be a multiple of 16 (heads of width 16)")
-        if self.min_pixels > self.max_pixels or self.min_pixels < (self.patch * self.merge) ** 2:
-            raise AlignTIError("need (patch * merge)^2 <= min_pixels <= max_pixels")
 
 
 def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:

@@ -17,9 +17,10 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast,
 
 from alignti.data.shapes import ShapesConfig, run_shapes
 from alignti.models.llava import TinySpec, build_tiny_llava
+from alignti.models.specs import TEXT_FAMILIES
 from alignti.models.tokenizer import train_tokenizer
 
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = TEXT_FAMILIES
 TEXTS = ["what colour is the red circle in the top left corner", "how many green triangles are there"] * 4
 
 

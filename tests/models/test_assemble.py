@@ -296,3 +296,11 @@ def test_assemble_family_options_are_checked_before_anything_is_written(tmp_path
         run_assemble(AssembleConfig(out=str(tmp_path / "c"), random=True, family="qwen2_vl", corpus=str(corpus),
                                     min_pixels=100))
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_the_torch_free_family_names_are_the_registry():
+    """`assemble --family` choices come from models/specs.py (no torch); the registry is families()."""
+    from alignti.models.family import families
+    from alignti.models.specs import FAMILY_NAMES
+
+    assert FAMILY_NAMES == tuple(families())

@@ -16,7 +16,8 @@ from alignti.errors import AlignTIError
 from alignti.models.family import family_of, get_family, load_parts, save_model_dir
 from alignti.models.probe import probe_attention, text_attn_implementation
 from alignti.models.qwen_vl_positions import gather_positions, image_token_ids, rope_positions
-from alignti.models.qwen_vl_tiny import CHAT_TEMPLATE, FAMILIES, VISION_TOKENS, QwenVLSpec
+from alignti.models.qwen_vl_tiny import CHAT_TEMPLATE, VISION_TOKENS, QwenVLSpec
+from alignti.models.specs import QWEN_VL_FAMILIES as FAMILIES
 from alignti.models.ribbon import build_candidate_pass, build_ribbon, gather_candidates, gather_ground_truth
 from alignti.models.tokenizer import train_tokenizer
 from tests.helpers.models import pad_batch, sharpen
