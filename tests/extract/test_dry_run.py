@@ -11,14 +11,19 @@ import pytest
 from alignti.extract.run import run_extract
 from alignti.storage.reader import CacheReader
 from alignti.storage.stats import cache_stats
-from tests.extract.test_extract_run import cfg, world  # noqa: F401 - the corpus (with bad rows) and teacher
+from tests.helpers.extract_world import extract_cfg as cfg, extract_world
 
 CLI = [sys.executable, "-c", "from alignti.cli import main; main()"]
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return extract_world(tmp_path_factory.mktemp("extract"))
+
+
 @pytest.mark.parametrize("options", [dict(iva_layer="auto", part_size=6),  # IRS, several parts
                                      dict(iva_layer="1", tpa_max_positions=3, part_size=64, top_k=16, batch_size=2)])
-def test_dry_run_writes_nothing_and_estimates_the_cache(world, tmp_path, options):  # noqa: F811
+def test_dry_run_writes_nothing_and_estimates_the_cache(world, tmp_path, options):
     c = cfg(world, tmp_path / "cache", **options)
     args = ["extract", "--dry-run", "--teacher", c.teacher, "--data", c.data, "--image-root", c.image_root,
             "--out", c.out, "--top-k", str(c.top_k), "--tpa-d", "2", "--tpa-top-k", "4", "--iva-max-positions", "4",

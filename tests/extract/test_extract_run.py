@@ -13,46 +13,22 @@ from alignti.cliargs import to_argv
 from alignti.data.encode import SampleEncoder
 from alignti.errors import AlignTIError
 from alignti.extract.irs import calibration_samples, compute_irs
-from alignti.extract.run import ExtractConfig, run_extract
-from alignti.models.family import load_parts, save_model_dir
+from alignti.extract.run import run_extract
+from alignti.models.family import load_parts
 from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader
 from alignti.storage.schema import LOGPROB_STEP
-from tests.helpers.models import shapes_teacher
+from tests.helpers.extract_world import extract_cfg, extract_world
 
 CLI = [sys.executable, "-c", "from alignti.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extract")
-    model, processor, shapes = shapes_teacher(root, n=40, seed=1)
-    teacher = save_model_dir(model, processor, root / "teacher")
-    rows = json.loads((shapes / "train.json").read_text())
-    (shapes / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
-    q = lambda img, convs: {"id": f"bad-{len(bad)}", "image": img,  # noqa: E731
-                            "conversations": [{"from": f, "value": v} for f, v in convs]}
-    bad = []
-    bad.append(q("images/none.png", [("human", "<image>\nq"), ("gpt", "a")]))
-    bad.append(q("images/nul\x00byte.png", [("human", "<image>\nq"), ("gpt", "a")]))  # no file can have this name
-    bad.append(q("bad.png", [("human", "<image>\nq"), ("gpt", "a")]))
-    bad.append(q("../../etc/passwd", [("human", "<image>\nq"), ("gpt", "a")]))
-    bad.append(q(rows[0]["image"], [("human", "<image>\nq")]))
-    bad.append(q(rows[0]["image"], [("human", "q"), ("gpt", "a")]))
-    bad.append(q(rows[0]["image"], [("human", "<image>\n" + "red " * 200), ("gpt", "a")]))
-    lines = [json.dumps(r) for r in rows + bad]
-    lines.insert(3, "{not json")
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return root, teacher, shapes
+    return extract_world(tmp_path_factory.mktemp("extract"))
 
 
-def cfg(world, out, **kw):
-    root, teacher, shapes = world
-    base = dict(teacher=str(teacher), data=str(root / "corpus.jsonl"), image_root=str(shapes), out=str(out),
-                top_k=8, tpa_d=2, tpa_top_k=4, iva_max_positions=4, iva_top_k=4, irs_samples=8, batch_size=4,
-                max_length=160, part_size=6)
-    base.update(kw)
-    return ExtractConfig(**base)
+cfg = extract_cfg
 
 
 def cache_content(path):
