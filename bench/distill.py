@@ -41,7 +41,8 @@ from alignti.distill.config import DistillConfig
 from alignti.distill.config import LossConfig
 from alignti.distill.examples import DistillExample, cache_examples
 from alignti.distill.order import epoch_micro_batches
-from alignti.distill.train import build_optimizer, freeze, make_accelerator
+from alignti.distill.optim import build_optimizer, freeze
+from alignti.distill.train import make_accelerator
 from alignti.extract.run import ExtractConfig, run_extract
 from alignti.extract.teacher import HfTeacher
 from alignti.models.family import load_parts

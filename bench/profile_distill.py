@@ -30,7 +30,8 @@ from alignti.distill.config import DistillConfig
 from alignti.distill.examples import cache_examples
 from alignti.distill.losses import combine
 from alignti.distill.order import epoch_micro_batches
-from alignti.distill.train import build_optimizer, freeze, make_accelerator
+from alignti.distill.optim import build_optimizer, freeze
+from alignti.distill.train import make_accelerator
 from alignti.models.family import load_parts
 from alignti.models.loading import load_model
 from alignti.storage.reader import CacheReader

@@ -26,7 +26,8 @@ from alignti.distill.config import DistillConfig, LossConfig
 from alignti.distill.examples import DistillExample, cache_examples
 from alignti.distill.kl import PADDED_MASS_WARN, padded_teacher_mass
 from alignti.distill.order import epoch_micro_batches
-from alignti.distill.train import build_optimizer, freeze, make_accelerator, run_distill, warn_padded_mass
+from alignti.distill.optim import build_optimizer, freeze
+from alignti.distill.train import make_accelerator, run_distill, warn_padded_mass
 from alignti.extract.teacher import HfTeacher
 from alignti.models.family import load_parts
 from alignti.models.loading import load_model

@@ -45,11 +45,11 @@ from alignti.distill.kl import PADDED_MASS_WARN
 from alignti.distill.loader import loader_workers, step_batches, step_plan, window_builder
 from alignti.distill.losses import combine
 from alignti.distill.objective import Objective, padded_mass_warning, probe_layers
-from alignti.distill.order import lr_factor
+from alignti.distill.optim import build_optimizer, build_scheduler, freeze
 from alignti.distill.plot import plot_log
 from alignti.cliargs import options, write_run_file
 from alignti.errors import AlignTIError
-from alignti.models.family import ModelParts, family_of, load_parts
+from alignti.models.family import ModelParts, load_parts
 from alignti.models.fingerprint import fingerprint_model_dir
 from alignti.models.loading import load_model, resolve_device
 from alignti.progress import progress_bar
@@ -94,29 +94,6 @@ def load_examples(cfg: DistillConfig, reader: CacheReader | None, parts: ModelPa
                                                                                                  cfg.data)
     examples.keep_in_memory(cfg.example_memory_mb * 2**20)
     return examples, rejects
-
-
-def freeze(model: torch.nn.Module, train: str) -> list[str]:
-    """Set requires_grad per --train (vision tower frozen unless `full`); names of trainable params.
-    The model's family says which parameters are the tower and the projector (Qwen-VL: the merger)."""
-    names = []
-    family = family_of(model.config)
-    for name, p in model.named_parameters():
-        part = family.part_of(name)
-        p.requires_grad_(train == "full" or (part != "vision" and train in (part, "all")))
-        if p.requires_grad:
-            names.append(name)
-    if not names:
-        raise AlignTIError(f"--train {train}: the student has no such parameters")
-    return names
-
-
-def build_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors (biases, norms)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8)
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -264,25 +241,18 @@ def setup_run(cfg: DistillConfig, held: contextlib.ExitStack) -> Run:
 
     steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / per_step)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     objective = Objective(model, loss_cfg, *layers, autocast=autocast_dtype(cfg, acc.device))
     if fsdp is not None:  # sharded before the optimizer exists: its parameters become DTensors
         sharding.shard(objective, model, fsdp, unused_parameters=examples.has_text_only)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     if fsdp is None:
         objective, optimizer = acc.prepare(objective, optimizer)
     run = Run(cfg, acc, loss_cfg, weights, student_fp, parts, examples, rejects, model, objective, optimizer,
               scheduler, per_step, steps_per_epoch, total_steps, int(state.get("step", 0)),
               float(state.get("train_seconds", 0.0)), resume_from, fsdp is not None)
     if resume_from:
-        load = (functools.partial(sharding.load_full_optimizer_state, objective, optimizer) if run.fsdp
-                else optimizer.load_state_dict)
-        ckpt.load_optimizer_state(resume_from, load, scheduler)
-        if not ckpt.load_rank_rng(resume_from, acc.process_index):
-            print(f"distill: process {acc.process_index}: no RNG state in {resume_from} (written by "
-                  f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
+        restore_state(run, state)
     if acc.is_main_process:
         if not resume_from:
             ckpt.start_output_dir(cfg.out, cfg.overwrite, {"config": options(cfg), "student": student_fp,
@@ -294,6 +264,16 @@ def setup_run(cfg: DistillConfig, held: contextlib.ExitStack) -> Run:
         print(_intro(run, trainable), flush=True)
     acc.wait_for_everyone()
     return run
+
+
+def restore_state(run: Run, state: dict[str, Any]) -> None:
+    """Optimizer, schedule and this process's RNG from the checkpoint being resumed."""
+    load = (functools.partial(sharding.load_full_optimizer_state, run.objective, run.optimizer) if run.fsdp
+            else run.optimizer.load_state_dict)
+    ckpt.load_optimizer_state(run.resume_from, load, run.scheduler)
+    if not ckpt.load_rank_rng(run.resume_from, run.acc.process_index):
+        print(f"distill: process {run.acc.process_index}: no RNG state in {run.resume_from} (written by "
+              f"{state.get('processes')} processes); random draws (dropout) continue from --seed", flush=True)
 
 
 def train_loop(run: Run) -> tuple[dict[str, Any], float]:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ class FileLock:
     holder at a time. The kernel drops the lock when the process dies (SIGKILL included), so a dead
     run never blocks the next one. `busy` starts the AlignTIError a second process gets.
 
+    A forked child (a DataLoader worker) would inherit the descriptor, and with it the lock, which
+    would then outlive a killed holder until its workers notice; children close it at fork.
+
     With `remove=True` the file is deleted on release (a lock beside a user's directory should not
     outlive the run): a process that opened the file just before it was deleted would lock a dead
     inode, so acquiring retries until the locked file is the one at `path`.
@@ -130,6 +134,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Idempotent; with `remove`, the file goes before the lock does (nobody can lock it after)."""
@@ -140,9 +145,20 @@ class FileLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = -1
+        _HELD.discard(self)
+
+    def _drop_in_child(self) -> None:
+        """In a forked child: close the inherited descriptor (the parent keeps the lock)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> FileLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+_HELD: weakref.WeakSet[FileLock] = weakref.WeakSet()  # the locks this process holds
+os.register_at_fork(after_in_child=lambda: [lock._drop_in_child() for lock in list(_HELD)])

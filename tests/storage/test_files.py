@@ -39,3 +39,25 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(AlignTIError, match=r"cannot write file .*state\.json: No space left on device \(.* MiB free"):
         write_json_atomic(p, {"step": 2})
     assert json.loads(p.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["state.json"]
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """A run SIGKILLed while its DataLoader workers (forked children) live: the next run gets the lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lock = tmp_path / ".out.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from pathlib import Path; from alignti.storage.files import FileLock\n"
+        f"held = FileLock(Path({str(lock)!r}), 'busy')\n"
+        "if os.fork() == 0: time.sleep(10); os._exit(0)\n"  # a worker that outlives its parent
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(AlignTIError, match="busy"):
+        files.FileLock(lock, "busy")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.2)
+    files.FileLock(lock, "busy").release()  # the orphaned child sleeps on, without the lock
