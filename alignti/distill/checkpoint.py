@@ -71,6 +71,8 @@ def check_output_dir(out: str | Path, resume: bool, overwrite: bool) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise AlignTIError(f"--out {str(p)!r} exists and is not a directory")
+    if overwrite and p.is_symlink():  # --overwrite deletes --out: name the directory, not a link to it
+        raise AlignTIError(f"--out {str(p)!r} is a symbolic link; pass the directory itself ({str(p.resolve())!r})")
     if not p.is_dir() or not any(p.iterdir()):
         return
     ours = (p / RUN_JSON).is_file()

@@ -104,6 +104,12 @@ def load_teacher(cfg: ExtractConfig) -> Teacher:
     """Load the teacher and its parts, resolve the IVA layer (IRS), fix the cache settings."""
     check_corpus(cfg.data)  # the inputs first: a bad path is one line before the teacher loads or IRS runs
     check_image_root(cfg.image_root)
+    teacher_config = load_config(cfg.teacher)
+    vocab = teacher_config.get_text_config().vocab_size
+    for name in ("top_k", "tpa_top_k", "iva_top_k"):
+        if getattr(cfg, name) > vocab:
+            raise AlignTIError(f"--{name.replace('_', '-')} {getattr(cfg, name)} exceeds the teacher's vocabulary "
+                               f"({vocab} tokens)")
     device = resolve_device(cfg.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -112,7 +118,6 @@ def load_teacher(cfg: ExtractConfig) -> Teacher:
     model = load_model(cfg.teacher, device, dtype) if cfg.backend == "hf" else None
     parts = load_parts(cfg.teacher)
     encoder = SampleEncoder(parts, cfg.image_root, cfg.max_length)
-    teacher_config = load_config(cfg.teacher)
     iva_layer, irs = resolve_iva_layer(cfg, teacher_config.get_text_config().num_hidden_layers,
                                        lambda: model or load_model(cfg.teacher, device, dtype), encoder,
                                        parts.tokenizer.pad_token_id)

@@ -130,6 +130,8 @@ def _check_config(cfg: AssembleConfig) -> Path:
             if not (Path(p) / "config.json").is_file():
                 raise AlignTIError(f"{what} directory {p!r} has no config.json (not a saved model)")
     out = Path(cfg.out).absolute()
+    if out.is_symlink():  # the model is renamed into place at --out, which --overwrite deletes first
+        raise AlignTIError(f"--out {str(out)!r} is a symbolic link; pass the directory itself ({str(out.resolve())!r})")
     if out.exists() and not out.is_dir():
         raise AlignTIError(f"--out {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -196,7 +198,7 @@ def _build_random(cfg: AssembleConfig, tmp: Path) -> None:
 
 def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise AlignTIError(f"cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
     if not tokenizer.chat_template:
@@ -240,7 +242,7 @@ def _build_pretrained(cfg: AssembleConfig, tmp: Path) -> None:
 def _lm_config(path: str) -> PretrainedConfig:
     """The LM's config, refused unless it is a causal LM with a base model LLaVA can rebuild."""
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise AlignTIError(f"cannot read the --llm config in {path!r}: {_one_line(e)}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping or type(config) not in AutoModel._model_mapping:
@@ -251,7 +253,7 @@ def _lm_config(path: str) -> PretrainedConfig:
 def _load_lm(path: str, config: PretrainedConfig) -> PreTrainedModel:
     """The causal LM in its stored dtype."""
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise AlignTIError(f"cannot load the causal LM in {path!r}: {_one_line(e)}") from None
     base = getattr(lm, lm.base_model_prefix, None)
@@ -269,7 +271,7 @@ def _load_vision(path: str) -> tuple[PreTrainedModel, str]:
             f"--vision {path!r} is a {model_type!r} model; supported: SigLIP or CLIP ({', '.join(VISION_KINDS)})")
     kind, cls, _, _ = VISION_KINDS[model_type]
     try:
-        tower, info = cls.from_pretrained(path, dtype="auto", output_loading_info=True)
+        tower, info = cls.from_pretrained(path, dtype="auto", output_loading_info=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise AlignTIError(f"cannot load the vision tower from {path!r}: {_one_line(e)}") from None
     if info["missing_keys"] or info["mismatched_keys"]:
@@ -280,7 +282,7 @@ def _load_vision(path: str) -> tuple[PreTrainedModel, str]:
 def _image_processor(path: str, vision_config: PretrainedConfig, kind: str) -> BaseImageProcessor:
     """The vision directory's image processor (PIL backend), else one from the tower's image size."""
     if (Path(path) / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(path, backend="pil")
+        return AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
     side = vision_config.image_size
     if kind == "clip":
         mean, std = CLIP_MEAN_STD

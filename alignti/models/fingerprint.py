@@ -203,7 +203,7 @@ def _load_tokenizer(root: Path) -> PreTrainedTokenizerBase | None:
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(root)
+        return AutoTokenizer.from_pretrained(root, trust_remote_code=False)  # never prompt, never run its code
     except (OSError, ValueError) as e:
         raise AlignTIError(f"cannot load the tokenizer of {str(root)!r}: {_one_line(e)}") from None
 

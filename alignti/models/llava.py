@@ -171,7 +171,7 @@ class LlavaFamily(Family):
         if not expansion["patch_size"]:
             return None, None
         try:
-            image_processor = AutoImageProcessor.from_pretrained(root, backend="pil")
+            image_processor = AutoImageProcessor.from_pretrained(root, backend="pil", trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {' '.join(str(e).split())}"
                                ) from None

@@ -8,7 +8,6 @@ image backend) and identical tokenisation.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,12 +49,9 @@ def _check_dir(path: str | Path, what: str) -> Path:
 def _refusals(p: Path) -> Iterator[None]:
     """transformers' refusals to load a directory, as one line saying what to do: a config whose
     code lives in the directory (auto_map) without trust_remote_code, an architecture transformers
-    does not know, a pickled weights file that is not plain tensor data (`torch.load(weights_only=True)`)."""
+    does not know. (Pickled weights never reach transformers: `load_model` reads safetensors only.)"""
     try:
         yield
-    except pickle.UnpicklingError:
-        raise AlignTIError(f"model directory {str(p)!r}: its pickled weights (*.bin) are not plain tensor data and "
-                           f"are refused; convert them to safetensors") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise AlignTIError(f"model directory {str(p)!r} needs its own Python code to load (auto_map in "
@@ -81,6 +77,9 @@ def load_model(
     never loaded): the vLLM backend's saliency model needs the layers up to the IVA layer only.
     """
     p = _check_dir(path, "model")
+    if not any(p.glob("*.safetensors")):  # the one weights format every command reads (and fingerprints)
+        raise AlignTIError(f"model directory {str(p)!r} has no safetensors weights; pickled *.bin weights are "
+                           f"refused: convert them to safetensors")
     kw = {}
     if text_layers is not None:
         config = load_config(p, trust_remote_code)

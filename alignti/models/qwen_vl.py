@@ -72,7 +72,7 @@ class QwenVLFamily(Family):
     def load_parts(self, path: Path, trust_remote_code: bool = False) -> ModelParts:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise AlignTIError(f"cannot load the tokenizer and image processor of {str(path)!r}: {_one_line(e)}"
                                ) from None
@@ -114,7 +114,7 @@ class QwenVLFamily(Family):
         if not any((root / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
             return None, None
         try:
-            ip = AutoImageProcessor.from_pretrained(root, backend="pil")
+            ip = AutoImageProcessor.from_pretrained(root, backend="pil", trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise AlignTIError(f"cannot load the image processor of {str(root)!r}: {_one_line(e)}") from None
         return {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,

@@ -148,6 +148,12 @@ def test_bad_inputs_fail_before_writing(world, tmp_path):
     with pytest.raises(AlignTIError, match="not written by alignti distill"):
         run_distill(distill_config(overwrite=True, **base))
     assert (tmp_path / "o2" / "precious.txt").exists()
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "distill.json").write_text("{}")  # a run's output, reached through a link
+    (tmp_path / "link").symlink_to(tmp_path / "o3")
+    with pytest.raises(AlignTIError, match="is a symbolic link; pass the directory itself"):
+        run_distill(distill_config(overwrite=True, **dict(base, out=str(tmp_path / "link"))))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "o3" / "distill.json").is_file()
 
 
 def test_method_doc_lists_every_option():

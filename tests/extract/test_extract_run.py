@@ -103,7 +103,9 @@ def test_inputs_and_output_are_checked_before_any_work(world, tmp_path, monkeypa
     for kw, message in [(dict(data=str(tmp_path / "missing.json")), "corpus file .*missing.json' does not exist"),
                         (dict(data=str(tmp_path)), "is not a file"),
                         (dict(image_root=str(tmp_path / "nope")), "--image-root .*nope' does not exist"),
-                        (dict(image_root=str(tmp_path / "a-file")), "--image-root .*a-file' is not a directory")]:
+                        (dict(image_root=str(tmp_path / "a-file")), "--image-root .*a-file' is not a directory"),
+                        (dict(top_k=10**6), "--top-k 1000000 exceeds the teacher's vocabulary"),
+                        (dict(iva_top_k=10**6), "--iva-top-k 1000000 exceeds the teacher's vocabulary")]:
         with pytest.raises(AlignTIError, match=message):
             run_extract(cfg(world, tmp_path / "c", **kw))
         assert not (tmp_path / "c").exists()

@@ -215,6 +215,11 @@ def test_assemble_refuses_bad_input_and_keeps_out(tmp_path):
     (made / "config.json").write_text("{}")
     run_assemble(AssembleConfig(**dict(good, out=str(made)), overwrite=True))
     assert json.loads((made / "config.json").read_text())["model_type"] == "llava"
+    link = tmp_path / "link"
+    link.symlink_to(made)  # --overwrite through a link: refused in one line, the model kept
+    with pytest.raises(AlignTIError, match="is a symbolic link; pass the directory itself"):
+        run_assemble(AssembleConfig(**dict(good, out=str(link)), overwrite=True))
+    assert link.is_symlink() and (made / "assemble.json").is_file()
 
 
 def _write_corpus(path, jsonl: bool) -> None:
