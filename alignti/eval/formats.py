@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
+from alignti.data.corpus import Reject, resolve_image_path
 from alignti.errors import AlignTIError
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -172,6 +173,19 @@ def load_answers(path: str | Path) -> list[dict]:
     return records
 
 
+def image_path(question: EvalQuestion, image_root: str | Path | None) -> Path:
+    """The question's image file under `image_root` (never outside it); AlignTIError naming the question
+    when it has none, the root is missing, or the path is unusable (missing, a NUL byte, outside the root)."""
+    if question.image is None:
+        raise AlignTIError(f"question {question.key!r} has no image")
+    if image_root is None:
+        raise AlignTIError(f"question {question.key!r} needs --image-root to find {question.image!r}")
+    path = resolve_image_path(image_root, question.image)
+    if isinstance(path, Reject):
+        raise AlignTIError(f"question {question.key!r}: image {path.detail}")
+    return path
+
+
 def open_image(question: EvalQuestion, image_root: str | Path | None) -> Image.Image:
     """The question's image as RGB: decoded from `image_b64`, or read from under `image_root`
     (never from outside it)."""
@@ -180,14 +194,7 @@ def open_image(question: EvalQuestion, image_root: str | Path | None) -> Image.I
             return Image.open(io.BytesIO(base64.b64decode(question.image_b64, validate=False))).convert("RGB")
         except (binascii.Error, OSError, ValueError) as e:
             raise AlignTIError(f"question {question.key!r}: inline image cannot be decoded ({e})") from None
-    if question.image is None:
-        raise AlignTIError(f"question {question.key!r} has no image")
-    if image_root is None:
-        raise AlignTIError(f"question {question.key!r} needs --image-root to find {question.image!r}")
-    root = Path(image_root).resolve()
-    path = (root / question.image).resolve()
-    if not path.is_relative_to(root):
-        raise AlignTIError(f"image path {question.image!r} leaves the image root")
+    path = image_path(question, image_root)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")

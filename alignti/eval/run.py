@@ -14,7 +14,7 @@ from pathlib import Path
 from alignti.cliargs import write_run_file
 from alignti.errors import AlignTIError
 from alignti.eval.config import EvalConfig
-from alignti.eval.formats import EvalQuestion, load_answers
+from alignti.eval.formats import EvalQuestion, image_path, load_answers
 from alignti.eval.generate import answer_questions, default_max_new_tokens, has_image, make_generator
 from alignti.eval.questions import load_questions
 from alignti.eval.report import build_report, scores_table
@@ -73,6 +73,9 @@ def generate_missing(cfg: EvalConfig, questions: list[EvalQuestion]) -> int:
         return 0
     if cfg.image_root is None and any(has_image(q) and not q.image_b64 for q in todo):
         raise AlignTIError(f"{cfg.benchmark} questions have images: pass --image-root")
+    for q in todo:  # every image file before the model loads (nothing is written yet)
+        if has_image(q) and not q.image_b64:
+            image_path(q, cfg.image_root)
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
     parts = load_parts(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -365,3 +366,16 @@ def test_report_cli_form(tmp_path):
     res = CliRunner().invoke(cli, ["eval", "--report", *map(str, dirs), "--out", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "cmp" / "report.json").read_text())["models"] == ["student", "teacher"]
+
+
+@pytest.mark.parametrize("image", ["n9.jpg", "n\x001.jpg", "../n1.jpg"])
+def test_a_bad_question_image_is_one_line_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, image):
+    """Missing, NUL byte, outside the root: refused before the model loads and before --out exists."""
+    cfg = _cfg(tmp_path, "gqa", tiny_model_dir)
+    lines = Path(cfg.questions).read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "image": image})
+    Path(cfg.questions).write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(AlignTIError, match="question '202': image "):
+        run_eval(cfg)
+    assert not (tmp_path / "out").exists()
