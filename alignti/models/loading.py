@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from alignti.errors import AlignTIError
@@ -52,6 +53,8 @@ def _refusals(p: Path) -> Iterator[None]:
     does not know. (Pickled weights never reach transformers: `load_model` reads safetensors only.)"""
     try:
         yield
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise AlignTIError(f"model directory {str(p)!r}: its safetensors weights cannot be read ({e})") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise AlignTIError(f"model directory {str(p)!r} needs its own Python code to load (auto_map in "

@@ -24,6 +24,9 @@ def bad_copy(src: Path, dst: Path, kind: str) -> Path:
                                                        "AutoModelForImageTextToText": "my_code.MyModel"})
     elif kind == "unknown":
         config.update(model_type="no-such-architecture")
+    elif kind == "truncated":  # an interrupted copy
+        with open(dst / "model.safetensors", "r+b") as f:
+            f.truncate(100)
     else:  # pickled weights: plain tensors, or with an object only a full unpickler can build
         state = load_file(str(dst / "model.safetensors"))
         (dst / "model.safetensors").unlink()
@@ -37,12 +40,13 @@ def bad_copy(src: Path, dst: Path, kind: str) -> Path:
     ("remote-code", "needs its own Python code to load (auto_map in config.json); alignti runs it only with "
                     "--trust-remote-code"),
     ("unknown", "transformers does not know its model_type"),
+    ("truncated", "its safetensors weights cannot be read (Error while deserializing header"),
     ("pickled-object", "has no safetensors weights; pickled *.bin weights are refused: convert them to safetensors"),
     ("pickled", "has no safetensors weights; pickled *.bin weights are refused: convert them to safetensors"),
 ])
 def test_refused_in_one_line(tiny_model_dir, tmp_path, kind, message):
     model_dir = bad_copy(Path(tiny_model_dir), tmp_path / kind, kind)
-    loads = [load_model] if kind.startswith("pickled") else [load_config, load_model]
+    loads = [load_model] if kind.startswith("pickled") or kind == "truncated" else [load_config, load_model]
     for load in loads:
         with pytest.raises(AlignTIError) as e:
             load(model_dir)
