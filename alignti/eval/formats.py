@@ -198,7 +198,5 @@ def open_image(question: EvalQuestion, image_root: str | Path | None) -> Image.I
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except FileNotFoundError:
-        raise AlignTIError(f"image not found: {str(path)!r}") from None
-    except OSError as e:
+    except OSError as e:  # image_path found the file: it is unreadable (or gone since)
         raise AlignTIError(f"image {str(path)!r} cannot be read ({e})") from None

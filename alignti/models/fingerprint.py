@@ -125,7 +125,9 @@ def tokenizer_compatible(a: dict, b: dict) -> str | None:
 # ---------------------------------------------------------------- weights
 
 
-def _weight_files(root: Path) -> list[Path]:
+def weight_files(root: Path) -> list[Path]:
+    """The directory's safetensors weight files (an index's shards, or every *.safetensors): the one
+    weights format alignti loads and fingerprints; AlignTIError when there are none."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -135,7 +137,8 @@ def _weight_files(root: Path) -> list[Path]:
     else:
         files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise AlignTIError(f"model directory {str(root)!r} has no safetensors weights")
+        raise AlignTIError(f"model directory {str(root)!r} has no safetensors weights; pickled *.bin weights are "
+                           f"refused: convert them to safetensors")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise AlignTIError(f"weight shard {missing[0]!r} named in the index is missing")
@@ -176,7 +179,7 @@ def hash_weights(root: str | Path) -> tuple[str, dict[str, list[int]]]:
     """(sha256 over all tensors in name order, {tensor name: shape}), streaming from disk."""
     digests: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
-    for path in _weight_files(Path(root)):
+    for path in weight_files(Path(root)):
         size = path.stat().st_size
         with path.open("rb") as f:
             base, header = _safetensors_header(f, path)

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 
 from alignti.errors import AlignTIError
 from alignti.models.devices import DTYPE_NAMES, check_device, check_dtype
+from alignti.models.fingerprint import weight_files
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -80,9 +81,7 @@ def load_model(
     never loaded): the vLLM backend's saliency model needs the layers up to the IVA layer only.
     """
     p = _check_dir(path, "model")
-    if not any(p.glob("*.safetensors")):  # the one weights format every command reads (and fingerprints)
-        raise AlignTIError(f"model directory {str(p)!r} has no safetensors weights; pickled *.bin weights are "
-                           f"refused: convert them to safetensors")
+    weight_files(p)  # safetensors only: pickled weights never reach transformers
     kw = {}
     if text_layers is not None:
         config = load_config(p, trust_remote_code)

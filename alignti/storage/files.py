@@ -161,4 +161,11 @@ class FileLock:
 
 
 _HELD: weakref.WeakSet[FileLock] = weakref.WeakSet()  # the locks this process holds
-os.register_at_fork(after_in_child=lambda: [lock._drop_in_child() for lock in list(_HELD)])
+
+
+def _drop_held_in_child() -> None:
+    for lock in list(_HELD):
+        lock._drop_in_child()
+
+
+os.register_at_fork(after_in_child=_drop_held_in_child)
