@@ -2,7 +2,7 @@
 
 Every row term is checked against the unfused path (`head(hidden[rows])` -> [N, V] logits, then
 the same loss), in value and in gradient w.r.t. the hidden rows and the head's weight and bias,
-and against the float64 brute force of `test_losses.py`. The memory test measures the peak of
+and against the float64 brute force of `tests/helpers/loss_refs.py`. The memory test measures the peak of
 live CPU bytes over forward + backward from the profiler's allocator events: the unfused
 path's grows with the number of rows, the fused path's stays at one chunk's.
 """
@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from alignti.distill.losses import iva_loss, kd_loss, sft_kd_loss, sft_rows_loss, tpa_loss
 from alignti.distill.objective import candidate_scores
-from tests.distill.test_losses import softmax64, teacher_topk, topk_ref
+from tests.helpers.loss_refs import softmax64, teacher_topk, topk_ref
 
 DIVS = ("fkl", "rkl", "jsd")
 TERMS = ("sft", "kd", "iva", "tpa")

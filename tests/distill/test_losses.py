@@ -1,8 +1,6 @@
-"""Loss tests against float64 brute-force references written independently here.
-
-The references build the (k+1) buckets with explicit Python loops over ids and vocabulary in
-numpy float64 (softmax by exp/sum, tail mass by summing probabilities, never logsumexp masks),
-so they share no code path with `alignti.distill.kl`.
+"""KD, SFT and IVA loss tests against float64 brute-force references (`tests/helpers/loss_refs.py`:
+explicit loops in numpy float64, no code path shared with `alignti.distill.kl`). TPA:
+test_tpa_loss.py; combining terms and LossConfig: test_combine.py.
 """
 
 from __future__ import annotations
@@ -14,78 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignti.distill.config import LossConfig
 from alignti.distill.kl import PADDED_MASS_WARN, chunked_topk_kl, padded_teacher_mass, topk_kl_rows
-from alignti.data.encode import IGNORE_INDEX
-from alignti.distill.losses import combine, iva_attention_loss, iva_loss, kd_loss, sft_rows_loss, tpa_loss
-from alignti.errors import AlignTIError
-
-DIVS = ("fkl", "rkl", "jsd")
-
-
-def sft_of(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
-    """L_sft of [B, T, V] logits and [B, T] labels as the objective computes it: the rows whose next
-    token is labelled, gathered chunk by chunk through row_index, into `sft_rows_loss`."""
-    b, t, v = logits.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    return sft_rows_loss(logits.reshape(b * t, v), targets[rows], chunk_size, row_index=rows)
-
-
-# ----------------------------------------------------------------- float64 references
-def softmax64(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def div64(p, q, divergence: str, beta: float = 0.5) -> float:
-    """Divergence between two finite distributions given as lists, by explicit loops."""
-    if divergence == "rkl":
-        p, q = q, p
-    if divergence in ("fkl", "rkl"):
-        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
-    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
-    kl_pm = sum(pi * math.log(pi / mi) for pi, mi in zip(p, m) if pi > 0)
-    kl_qm = sum(qi * math.log(qi / mi) for qi, mi in zip(q, m) if qi > 0)
-    return beta * kl_pm + (1 - beta) * kl_qm
-
-
-def buckets64(student_row, ids, logprobs, tail: str):
-    """Teacher and student bucket lists for one row (ids outside [0, V) go to the tail)."""
-    q_full = softmax64(student_row)
-    v = len(q_full)
-    head = [(int(i), math.exp(float(lp))) for i, lp in zip(ids, logprobs) if 0 <= int(i) < v]
-    p = [pi for _, pi in head]
-    q = [float(q_full[i]) for i, _ in head]
-    if tail == "renorm":
-        return [x / sum(p) for x in p], [x / sum(q) for x in q]
-    in_head = {i for i, _ in head}
-    rest = [j for j in range(v) if j not in in_head]
-    if rest:
-        p.append(max(0.0, 1.0 - sum(p)))
-        q.append(float(sum(q_full[j] for j in rest)))
-    return p, q
-
-
-def topk_ref(student, ids, logprobs, divergence, tail="bucket", beta=0.5) -> np.ndarray:
-    s, i, lp = (t.detach().double().numpy() for t in (student, ids, logprobs))
-    return np.array([div64(*buckets64(s[n], i[n], lp[n], tail), divergence, beta) for n in range(len(s))])
-
-
-def full_ref(student, teacher, divergence, beta=0.5) -> np.ndarray:
-    s, t = student.detach().double().numpy(), teacher.detach().double().numpy()
-    return np.array([div64(list(softmax64(t[n])), list(softmax64(s[n])), divergence, beta) for n in range(len(s))])
-
-
-def teacher_topk(teacher_logits: torch.Tensor, k: int):
-    lp = torch.log_softmax(teacher_logits.double(), -1)
-    vals, ids = lp.topk(k, -1)
-    return ids, vals.float()
-
-
-def rand(*shape, scale=2.0, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+from alignti.distill.losses import combine, iva_attention_loss, iva_loss, kd_loss, tpa_loss
+from tests.helpers.loss_refs import DIVS, div64, full_ref, rand, sft_of, softmax64, teacher_topk, topk_ref
 
 
 # ----------------------------------------------------------------- top-k KL
@@ -356,7 +285,7 @@ def test_bf16_inputs_are_computed_in_fp32():
     torch.testing.assert_close(s, F.cross_entropy(student[:-1].float(), labels[0, 1:], reduction="sum"))
 
 
-# ----------------------------------------------------------------- IVA, TPA
+# ----------------------------------------------------------------- IVA
 def test_iva_loss_matches_reference():
     v, k = 12, 4
     sample_index = torch.tensor([0, 0, 0, 2, 2, 3])  # sample 1 has no rows; sample 3 has zero weight
@@ -379,165 +308,3 @@ def test_iva_attention_loss_matches_reference():
     assert count.item() == 2 and abs(total.item() - expected) < 1e-6
     total.backward()
     assert torch.isfinite(att.grad).all()
-
-
-@pytest.mark.parametrize("weighting", ("teacher", "uniform", "student"))
-def test_tpa_equals_chain_rule_term_on_tiny_vocab(weighting):
-    v, steps = 8, 3
-    d = v - 1
-    gen = torch.Generator().manual_seed(4)
-    rows, t_ids, t_lps, cand_lps, s_scores, expected = [], [], [], [], [], 0.0
-    for step in range(steps):
-        step_logits = torch.randn(v, generator=gen) * 2
-        p_step = softmax64(step_logits.numpy())
-        student_step = torch.randn(v, generator=gen) * 2  # the student's logits at the ground-truth row
-        q_step = softmax64(student_step.numpy())
-        y = step
-        cands = [a for a in torch.randperm(v, generator=gen).tolist() if a != y]  # all a != y_t
-        teacher_after = torch.randn(v, v, generator=gen) * 2  # p_T(. | y_<t, a), one row per a
-        student_after = torch.randn(v, v, generator=gen) * 2  # p_S(. | y_<t, a)
-        kl = {a: div64(list(softmax64(teacher_after[a].numpy())), list(softmax64(student_after[a].numpy())), "fkl")
-              for a in cands}
-        if weighting == "teacher":
-            expected += sum(p_step[a] * kl[a] for a in cands) / sum(p_step[a] for a in cands)
-        elif weighting == "student":
-            expected += sum(q_step[a] * kl[a] for a in cands) / sum(q_step[a] for a in cands)
-        else:
-            expected += sum(kl.values()) / d
-        for a in cands:
-            ids, lps = teacher_topk(teacher_after[a][None], v)  # k_t = V
-            rows.append(student_after[a])
-            t_ids.append(ids[0])
-            t_lps.append(lps[0])
-        cand_lps.append(torch.log(torch.tensor([p_step[a] for a in cands], dtype=torch.float64)).float())
-        s_scores.append(student_step[cands])  # logits, not log-probs: the renormalisation cancels the difference
-    scores = torch.stack(s_scores) if weighting == "student" else None
-    total, count = tpa_loss(torch.stack(rows), torch.stack(t_ids), torch.stack(t_lps), torch.stack(cand_lps),
-                            weighting=weighting, student_scores=scores, chunk_size=5)
-    assert count.item() == steps
-    assert abs(total.item() - expected) < 1e-5
-
-
-def test_tpa_student_weights_are_constants():
-    """u comes from the student's scores but carries no gradient into them; shifting the scores of a
-    step by a constant (logits vs log-probs) changes nothing."""
-    v, n, d = 6, 3, 2
-    student = rand(n * d, v, seed=30).requires_grad_()
-    ids, lps = teacher_topk(rand(n * d, v, seed=31), 3)
-    cand = torch.log_softmax(rand(n, d + 1, seed=32), -1)[:, :d]
-    scores = rand(n, d, seed=33).requires_grad_()
-    total, _ = tpa_loss(student, ids, lps, cand, weighting="student", student_scores=scores)
-    total.backward()
-    assert scores.grad is None and student.grad is not None
-    shifted, _ = tpa_loss(student, ids, lps, cand, weighting="student", student_scores=scores + rand(n, 1, seed=34))
-    torch.testing.assert_close(shifted, total)
-    u = torch.softmax(scores.detach().double(), -1)
-    ref = sum(float(u[t, j]) * float(topk_ref(student[t * d + j][None], ids[t * d + j][None], lps[t * d + j][None],
-                                              "fkl")[0]) for t in range(n) for j in range(d))
-    assert abs(total.item() - ref) < 1e-5
-    with pytest.raises(ValueError, match="needs student_scores"):
-        tpa_loss(student, ids, lps, cand, weighting="student")
-    with pytest.raises(ValueError, match="needs student_scores"):
-        tpa_loss(student, ids, lps, cand, student_scores=scores)
-
-
-@pytest.mark.parametrize("weighting", ("teacher", "student"))
-def test_tpa_padded_candidate_slots_have_zero_weight(weighting):
-    v = 6
-    student = rand(4, v, seed=23)
-    ids, lps = teacher_topk(rand(4, v, seed=24), 3)
-    cand = torch.tensor([[math.log(0.2), float("-inf")], [float("-inf"), float("-inf")]])
-    scores = torch.tensor([[0.0, 50.0], [1.0, 2.0]]) if weighting == "student" else None  # the padded slot scores high
-    total, count = tpa_loss(student, ids, lps, cand, weighting=weighting, student_scores=scores)
-    assert count.item() == 1
-    torch.testing.assert_close(total, topk_kl_rows(student[:1], ids[:1], lps[:1]).sum())
-
-
-# ----------------------------------------------------------------- gradient accumulation
-def _micro_batch(seed: int, h: int, v: int):
-    g = torch.Generator().manual_seed(seed)
-    b, t = 2, 3 + seed % 3  # different sizes and label counts per micro-batch
-    labels = torch.randint(0, v, (b, t), generator=g)
-    labels[:, : 1 + seed % 2] = -100
-    n_kd, n_s, d = 2 + seed, 1 + seed % 2, 2
-    m = 3 * n_s - seed % 2
-    return {
-        "x_sft": torch.randn(b, t, h, generator=g), "labels": labels,
-        "x_kd": torch.randn(n_kd, h, generator=g), "kd": teacher_topk(torch.randn(n_kd, v, generator=g) * 2, 4),
-        "x_iva": torch.randn(m, h, generator=g), "iva": teacher_topk(torch.randn(m, v, generator=g) * 2, 3),
-        "w": torch.rand(m, generator=g), "sample": torch.arange(m) % n_s, "n_s": n_s,
-        "x_tpa": torch.randn(n_kd * d, h, generator=g), "tpa": teacher_topk(torch.randn(n_kd * d, v, generator=g), 4),
-        "cand": torch.log_softmax(torch.randn(n_kd, d + 1, generator=g), -1)[:, :d],
-    }
-
-
-def _terms(model, mb):
-    return {
-        "sft": sft_of(model(mb["x_sft"]), mb["labels"], chunk_size=4),
-        "kd": kd_loss(model(mb["x_kd"]), *mb["kd"], chunk_size=3),
-        "iva": iva_loss(model(mb["x_iva"]), *mb["iva"], mb["w"], mb["sample"], mb["n_s"], chunk_size=2),
-        "tpa": tpa_loss(model(mb["x_tpa"]), *mb["tpa"], mb["cand"], chunk_size=3),
-    }
-
-
-def _concat(mbs):
-    cat = lambda key: torch.cat([mb[key] for mb in mbs])  # noqa: E731
-    t_max = max(mb["labels"].shape[1] for mb in mbs)  # pad to one length: padded targets are -100
-    offsets = np.cumsum([0] + [mb["n_s"] for mb in mbs])
-    return {
-        "x_sft": torch.cat([F.pad(mb["x_sft"], (0, 0, 0, t_max - mb["x_sft"].shape[1])) for mb in mbs]),
-        "labels": torch.cat([F.pad(mb["labels"], (0, t_max - mb["labels"].shape[1]), value=-100) for mb in mbs]),
-        "x_kd": cat("x_kd"), "kd": tuple(torch.cat([mb["kd"][i] for mb in mbs]) for i in (0, 1)),
-        "x_iva": cat("x_iva"), "iva": tuple(torch.cat([mb["iva"][i] for mb in mbs]) for i in (0, 1)),
-        "w": cat("w"), "sample": torch.cat([mb["sample"] + int(o) for mb, o in zip(mbs, offsets)]),
-        "n_s": int(offsets[-1]), "x_tpa": cat("x_tpa"),
-        "tpa": tuple(torch.cat([mb["tpa"][i] for mb in mbs]) for i in (0, 1)), "cand": cat("cand"),
-    }
-
-
-def test_gradient_accumulation_equals_one_big_batch():
-    h, v = 5, 10
-    weights = {"sft": 1.0, "kd": 0.7, "iva": 0.5, "tpa": 2.0}
-    mbs = [_micro_batch(s, h, v) for s in range(4)]
-    torch.manual_seed(0)
-    model = torch.nn.Linear(h, v)
-
-    big, _ = combine(_terms(model, _concat(mbs)), weights)
-    big.backward()
-    big_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
-    with torch.no_grad():  # the trainer knows counts before the forward; here: a no-grad pass
-        per_mb = [_terms(model, mb) for mb in mbs]
-    global_counts = {n: sum(t[n][1] for t in per_mb) for n in weights}
-    accumulated, naive = 0.0, 0.0
-    for mb in mbs:
-        total, means = combine(_terms(model, mb), weights, global_counts)
-        total.backward()
-        accumulated += total.item()
-        naive += sum(weights[n] * combine(_terms(model, mb), {n: 1.0})[0].item() for n in weights) / len(mbs)
-    assert abs(accumulated - big.item()) < 1e-5
-    assert abs(naive - big.item()) > 1e-3  # averaging per-micro-batch means would be wrong
-    for p, g in zip(model.parameters(), big_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------- config
-def test_loss_config_recipes_and_overrides():
-    assert LossConfig("sft").weights() == {"sft": 1.0, "kd": 0.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
-    assert LossConfig("kd").weights() == {"sft": 1.0, "kd": 1.0, "iva": 0.0, "tpa": 0.0, "ground": 0.0}
-    assert LossConfig().weights() == {"sft": 1.0, "kd": 1.0, "iva": 1.0, "tpa": 1.0, "ground": 0.0}
-    cfg = LossConfig("kd", tpa_weight=0.5, divergence="jsd", jsd_beta=0.2, kd_weight=None)
-    assert cfg.weights()["tpa"] == 0.5 and cfg.weights()["kd"] == 1.0
-    assert cfg.divergence_kwargs() == {"divergence": "jsd", "beta": 0.2, "tail": "bucket", "chunk_size": 1024}
-    for bad in ({"recipe": "nope"}, {"divergence": "kl"}, {"jsd_beta": 1.5}, {"tail": "x"},
-                {"tpa_weighting": "x"}, {"iva_target": "x"}, {"sft_weight": -1.0}, {"chunk_size": 0},
-                {"ground_layer": -1}, {"ground_weight": float("nan")}, {"iva_student_layer": -1}):
-        with pytest.raises(AlignTIError):
-            LossConfig(**bad)
-    with pytest.raises(TypeError):  # not an option
-        LossConfig(bogus=1)
-    with pytest.raises(AlignTIError):
-        LossConfig("sft", sft_weight=0.0)
-    with pytest.raises(ValueError):  # an internal invariant: a weighted term the objective did not compute
-        combine({"sft": (torch.tensor(1.0), torch.tensor(1.0))}, {"sft": 1.0, "kd": 1.0})
